@@ -1,0 +1,488 @@
+"""Typed, frozen experiment configuration.
+
+An experiment is a Python file exposing ``get_config() -> Config``. The CLI overrides any field
+with ``--set section.field=value``; every override is parsed against the field's declared type and
+the whole config is validated before anything runs, so a typo fails in milliseconds, not after
+compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    """Tokenizer vocabulary size; the embedding is padded up to ``vocab_multiple``."""
+    vocab_multiple: int = 128
+    """Pad the embedding/unembedding rows to a multiple of this (fast matmuls); pad logits are masked."""
+    seq_len: int = 1024
+    """Context window T: the model sees T tokens and predicts T targets per window."""
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    head_dim: int | None = None
+    """Per-head width; None means d_model // n_heads."""
+    d_ff: int = 3072
+    positions: Literal["learned", "rope", "sinusoidal"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slower)."""
+    attention: Literal["auto", "reference", "xla", "cudnn"] = "auto"
+    """Attention backend; auto picks the fastest one that supports the request on this device."""
+    remat: Literal["none", "full", "save_matmuls"] = "none"
+    """Rematerialisation policy of each transformer block."""
+    logits_chunk: int = 0
+    """Tokens per chunk of the chunked cross-entropy; 0 computes all logits at once."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    inputs: tuple[str, ...] = ("shakespeare",)
+    """Text/JSONL/Parquet paths or globs prepared on first use; 'shakespeare' is the embedded corpus."""
+    dir: str = "data_cache/shakespeare-gpt2"
+    """Prepared token shards (``jaxlm prepare --out``); prepared from ``inputs`` if missing."""
+    tokenizer: str = "gpt2"
+    """gpt2 | bytes | path to a directory with vocab.bpe + encoder.json."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation when preparing."""
+    document_masking: bool = False
+    """Attention stays inside each document and positions restart at each document."""
+    drop_last: bool = True
+    """Drop the final partial window (True) or pad it with loss mask 0 (False)."""
+    shuffle: bool = True
+    seed: int = 0
+    workers: int = 0
+    """Worker processes for the loader; 0 loads in the training process with a prefetch thread."""
+    prefetch: int = 4
+    """Batches prepared ahead of the training step."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """AdamW decay; applied to matrices only, never to norms, biases or other vectors."""
+    grad_clip: float = 1.0
+    """Global-norm clipping threshold; 0 disables."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    """Global batch, in sequences of seq_len tokens, summed over all devices and micro-batches."""
+    micro_batches: int = 1
+    """Gradient accumulation: the batch is split into this many sequential micro-batches."""
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    """Batches of the validation split per evaluation; 0 uses the whole split."""
+    run_dir: str = "runs"
+    """Runs go to ``<run_dir>/<name>/``."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    """Data-parallel replicas; -1 fills with the devices the other axes leave."""
+    fsdp: int = 1
+    """Parameter/optimizer sharding (ZeRO-3); also splits the batch."""
+    tensor: int = 1
+    """Megatron tensor parallelism over heads, MLP hidden and vocabulary."""
+    coordinator_address: str = ""
+    """host:port of process 0 for multi-process runs; empty auto-detects (SLURM, TPU, env)."""
+    num_processes: int = 0
+    """Processes in a multi-process run; 0 auto-detects."""
+    process_id: int = -1
+    """This process's index; -1 auto-detects."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    """Save every N steps (and at the end of the run); 0 saves only at the end."""
+    keep: int = 3
+    """Keep the last K checkpoints..."""
+    keep_every: int = 0
+    """...plus every checkpoint whose step is a multiple of M, for the record (0: none)."""
+    async_save: bool = True
+    """Write in the background while training continues."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.train.run_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: model shapes with published parameter counts (tests check the counts).
+# --------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, ModelConfig] = {
+    # GPT-2 small: 124,439,808 parameters with tied embeddings and 1024 learned positions.
+    "gpt2-124m": ModelConfig(),
+    # Llama-3.2-1B shape: 1,235,814,400 parameters (tied, GQA 32/8, vocab 128256).
+    "llama-1b": ModelConfig(
+        vocab_size=128256, seq_len=2048, n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8,
+        head_dim=64, d_ff=8192, positions="rope", rope_theta=500000.0, norm="rmsnorm",
+        mlp="swiglu", use_bias=False, tie_embeddings=True,
+    ),
+    # Tiny, for tests and local debugging: compiles in seconds on a CPU.
+    "tiny": ModelConfig(
+        vocab_size=256, vocab_multiple=1, seq_len=32, n_layers=2, d_model=32, n_heads=4,
+        d_ff=64, positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: "section.field=value" parsed against the declared type.
+# --------------------------------------------------------------------------------------------
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def parse_value(key: str, text: str, tp: Any) -> Any:
+    """Parse the CLI string ``text`` as type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.lower() in ("none", "null"):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return parse_value(key, text, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        if text not in args:
+            raise ConfigError(f"{key}={text!r} is not valid; choose one of {list(args)}")
+        return text
+    if origin is tuple:
+        items = [s for s in text.split(",") if s] if text else []
+        return tuple(parse_value(key, s, args[0]) for s in items)
+    if tp is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}={text!r} is not a bool; use true or false")
+    if tp is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            try:
+                as_float = float(text)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise ConfigError(f"{key}={text!r} is not an integer") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not a number") from None
+    if tp is str:
+        return text
+    raise ConfigError(f"{key}: cannot parse a value of type {tp}")
+
+
+def _check_type(key: str, value: Any, tp: Any) -> None:
+    """Type-check a value set in Python (an experiment file or a sweep), not parsed from text."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                _check_type(key, value, arg)
+                return
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}={value!r}: expected None")
+        return
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(args)}")
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{key}={value!r} must be a tuple")
+        for v in value:
+            _check_type(key, v, args[0])
+        return
+    ok = (
+        isinstance(value, bool)
+        if tp is bool
+        else isinstance(value, int) and not isinstance(value, bool)
+        if tp is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if tp is float
+        else isinstance(value, tp)
+    )
+    if not ok:
+        raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {tp.__name__}")
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for name, f in _SECTIONS.items():
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += [f"{name}.{sub.name}" for sub in dataclasses.fields(f.default_factory)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def _locate(cfg: Config, key: str) -> tuple[str, str | None, Any]:
+    """Split ``key`` into (section, field) and return its declared type, or raise naming choices."""
+    section, _, name = key.partition(".")
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown config key {key!r}; valid sections: {sorted(_SECTIONS)}")
+    sub = getattr(cfg, section)
+    if not dataclasses.is_dataclass(sub):
+        if name:
+            raise ConfigError(f"unknown config key {key!r}; {section!r} has no fields")
+        return section, None, _field_types(Config)[section]
+    hints = _field_types(type(sub))
+    if name not in hints:
+        raise ConfigError(
+            f"unknown config key {key!r}; valid keys in {section!r}: {sorted(hints)}"
+        )
+    return section, name, hints[name]
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return ``cfg`` with ``{"section.field": value}`` applied; string values are parsed.
+
+    Values that are not strings (from sweeps written in Python) are type-checked instead.
+    The result is validated.
+    """
+    by_section: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, raw in overrides.items():
+        section, name, tp = _locate(cfg, key)
+        value = parse_value(key, raw, tp) if isinstance(raw, str) else raw
+        _check_type(key, value, tp)
+        if name is None:
+            top[section] = value
+        else:
+            by_section.setdefault(section, {})[name] = value
+    for section, changes in by_section.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **changes)
+    cfg = dataclasses.replace(cfg, **top)
+    validate(cfg)
+    return cfg
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    """``["model.n_layers=4", "optim.lr=3e-4"]`` -> ``{"model.n_layers": "4", ...}``."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. optim.lr=3e-4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every impossible combination is refused before anything runs.
+# --------------------------------------------------------------------------------------------
+
+
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    for section in _SECTIONS:
+        sub = getattr(cfg, section)
+        if dataclasses.is_dataclass(sub):
+            for name, tp in _field_types(type(sub)).items():
+                _check_type(f"{section}.{name}", getattr(sub, name), tp)
+    m, d, o, t, mesh, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.mesh, cfg.checkpoint
+    _need(bool(cfg.name) and "/" not in cfg.name, "name", f"{cfg.name!r} must be non-empty without '/'")
+    for key in ("vocab_size", "vocab_multiple", "seq_len", "n_layers", "d_model", "n_heads", "d_ff"):
+        _need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _need(
+        m.head_dim is not None or m.d_model % m.n_heads == 0,
+        "model.d_model",
+        f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}; "
+        f"pick n_heads among the divisors {[h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 128]} "
+        "or set model.head_dim",
+    )
+    _need(m.head_dim is None or m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
+    _need(
+        m.n_kv_heads is None or (m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0),
+        "model.n_kv_heads",
+        f"n_kv_heads={m.n_kv_heads} must divide n_heads={m.n_heads}; valid: "
+        f"{[g for g in range(1, m.n_heads + 1) if m.n_heads % g == 0]}",
+    )
+    _need(
+        m.positions != "rope" or m.dim_per_head % 2 == 0,
+        "model.head_dim",
+        f"rope needs an even head dimension, got {m.dim_per_head}",
+    )
+    _need(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    _need(m.init_std > 0, "model.init_std", "must be positive")
+    _need(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0 disables chunking)")
+    _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _need(d.workers >= 0, "data.workers", "must be >= 0")
+    _need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+    _need(bool(d.dir), "data.dir", "must name the prepared data directory")
+    _need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _need(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optim.b1/b2", "must be in [0, 1)")
+    _need(o.eps > 0, "optim.eps", "must be positive")
+    _need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _need(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
+    _need(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
+    _need(
+        t.micro_batches > 0 and t.batch_size % t.micro_batches == 0,
+        "train.micro_batches",
+        f"micro_batches={t.micro_batches} must divide batch_size={t.batch_size}",
+    )
+    _need(t.log_every > 0, "train.log_every", "must be positive")
+    _need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
+    _need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+    for key in ("data", "fsdp", "tensor"):
+        v = getattr(mesh, key)
+        _need(v == -1 or v > 0, f"mesh.{key}", f"must be positive or -1 (fill), got {v}")
+    _need(
+        [mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1,
+        "mesh",
+        "at most one of mesh.data/fsdp/tensor may be -1",
+    )
+    _need(c.every >= 0, "checkpoint.every", "must be >= 0")
+    _need(c.keep > 0, "checkpoint.keep", "must keep at least one checkpoint")
+    _need(c.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment files and serialisation.
+# --------------------------------------------------------------------------------------------
+
+
+def load_experiment(path: str | Path) -> types.ModuleType:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist; see experiments/ for examples")
+    spec = importlib.util.spec_from_file_location(f"jaxlm_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"experiment file {str(path)!r} must define get_config() -> jaxlm.config.Config")
+    return module
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Config:
+    cfg = load_experiment(path).get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected jaxlm.config.Config")
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_set_args(list(overrides))
+    return apply_overrides(validate(cfg), dict(overrides))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. a checkpoint's config.json), validated."""
+    unknown = set(d) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config sections {sorted(unknown)}; valid: {sorted(_SECTIONS)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in _SECTIONS.items():
+        if name not in d:
+            continue
+        if f.default_factory is dataclasses.MISSING:
+            kwargs[name] = d[name]
+            continue
+        cls = f.default_factory
+        hints = _field_types(cls)
+        bad = set(d[name]) - set(hints)
+        if bad:
+            raise ConfigError(f"unknown keys {sorted(bad)} in section {name!r}; valid: {sorted(hints)}")
+        values = {
+            k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in d[name].items()
+        }
+        kwargs[name] = cls(**values)
+    return validate(Config(**kwargs))
