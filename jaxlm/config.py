@@ -175,14 +175,34 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-124m": ModelConfig(),
     # Llama-3.2-1B shape: 1,235,814,400 parameters (tied, GQA 32/8, vocab 128256).
     "llama-1b": ModelConfig(
-        vocab_size=128256, seq_len=2048, n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8,
-        head_dim=64, d_ff=8192, positions="rope", rope_theta=500000.0, norm="rmsnorm",
-        mlp="swiglu", use_bias=False, tie_embeddings=True,
+        vocab_size=128256,
+        seq_len=2048,
+        n_layers=16,
+        d_model=2048,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        positions="rope",
+        rope_theta=500000.0,
+        norm="rmsnorm",
+        mlp="swiglu",
+        use_bias=False,
+        tie_embeddings=True,
     ),
     # Tiny, for tests and local debugging: compiles in seconds on a CPU.
     "tiny": ModelConfig(
-        vocab_size=256, vocab_multiple=1, seq_len=32, n_layers=2, d_model=32, n_heads=4,
-        d_ff=64, positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
+        vocab_size=256,
+        vocab_multiple=1,
+        seq_len=32,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        use_bias=False,
     ),
 }
 
@@ -294,7 +314,9 @@ def _check_type(key: str, value: Any, tp: Any) -> None:
 def valid_keys() -> list[str]:
     keys = []
     for name, f in _SECTIONS.items():
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+        if dataclasses.is_dataclass(
+            f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        ):
             keys += [f"{name}.{sub.name}" for sub in dataclasses.fields(f.default_factory)]
         else:
             keys.append(name)
@@ -313,9 +335,7 @@ def _locate(cfg: Config, key: str) -> tuple[str, str | None, Any]:
         return section, None, _field_types(Config)[section]
     hints = _field_types(type(sub))
     if name not in hints:
-        raise ConfigError(
-            f"unknown config key {key!r}; valid keys in {section!r}: {sorted(hints)}"
-        )
+        raise ConfigError(f"unknown config key {key!r}; valid keys in {section!r}: {sorted(hints)}")
     return section, name, hints[name]
 
 
@@ -358,6 +378,10 @@ def parse_set_args(items: list[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _divisors(n: int, limit: int | None = None) -> list[int]:
+    return [d for d in range(1, min(n, limit or n) + 1) if n % d == 0]
+
+
 def _need(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -377,15 +401,13 @@ def validate(cfg: Config) -> Config:
         m.head_dim is not None or m.d_model % m.n_heads == 0,
         "model.d_model",
         f"d_model={m.d_model} is not divisible by n_heads={m.n_heads}; "
-        f"pick n_heads among the divisors {[h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 128]} "
-        "or set model.head_dim",
+        f"pick n_heads among the divisors {_divisors(m.d_model, 128)} or set model.head_dim",
     )
     _need(m.head_dim is None or m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
     _need(
         m.n_kv_heads is None or (m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0),
         "model.n_kv_heads",
-        f"n_kv_heads={m.n_kv_heads} must divide n_heads={m.n_heads}; valid: "
-        f"{[g for g in range(1, m.n_heads + 1) if m.n_heads % g == 0]}",
+        f"n_kv_heads={m.n_kv_heads} must divide n_heads={m.n_heads}; valid: {_divisors(m.n_heads)}",
     )
     _need(
         m.positions != "rope" or m.dim_per_head % 2 == 0,
@@ -481,8 +503,6 @@ def from_dict(d: dict[str, Any]) -> Config:
         bad = set(d[name]) - set(hints)
         if bad:
             raise ConfigError(f"unknown keys {sorted(bad)} in section {name!r}; valid: {sorted(hints)}")
-        values = {
-            k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in d[name].items()
-        }
+        values = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in d[name].items()}
         kwargs[name] = cls(**values)
     return validate(Config(**kwargs))

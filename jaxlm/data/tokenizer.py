@@ -8,9 +8,9 @@ holding ``vocab.bpe`` + ``encoder.json`` in the GPT-2 format.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 GPT2_DIR = Path(__file__).parent / "gpt2"
 # The GPT-2 pre-tokenizer split, as in tiktoken_ext.openai_public.gpt2.

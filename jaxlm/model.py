@@ -1,0 +1,374 @@
+"""A pure-functional decoder-only transformer.
+
+Params are a plain nested dict of arrays. Every weight is declared once in ``param_decls`` with
+its shape, logical axes and initializer; ``init_params``, the sharding of params and optimizer
+state, weight-decay masks and parameter counts are all derived from that one declaration.
+Transformer blocks are stacked on a leading ``layers`` axis and run with ``lax.scan``, so compile
+time does not grow with depth.
+
+Shape legend: B batch, T query positions, S key positions, D model, H query heads,
+G key/value heads, R = H // G query heads per kv head, K head dim, F ffn hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.attention import attend, document_causal_mask
+from jaxlm.config import ModelConfig
+from jaxlm.sharding import constrain
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One weight: its shape, logical axes (one per dimension) and initializer."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str = "normal"  # normal | zeros | ones
+    std: float = 0.0
+
+    def __post_init__(self):
+        assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+
+    @property
+    def decays(self) -> bool:
+        """AdamW decays matrices only: norms and biases have one non-layer dimension."""
+        return sum(a != "layers" for a in self.axes) >= 2
+
+
+def _norm_decl(cfg: ModelConfig, stacked: bool) -> dict[str, Weight]:
+    lead, lead_axes = ((cfg.n_layers,), ("layers",)) if stacked else ((), ())
+    decl = {"scale": Weight(lead + (cfg.d_model,), lead_axes + ("embed",), "ones")}
+    if cfg.norm == "layernorm":
+        decl["bias"] = Weight(lead + (cfg.d_model,), lead_axes + ("embed",), "zeros")
+    return decl
+
+
+def param_decls(cfg: ModelConfig) -> Params:
+    """The single declaration of every weight."""
+    L, D, H, G, K, F, V = (
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.kv_heads,
+        cfg.dim_per_head,
+        cfg.d_ff,
+        cfg.padded_vocab,
+    )
+    std = cfg.init_std
+    out_std = std / math.sqrt(2 * L)  # GPT-2: residual projections scaled by depth
+    attn = {
+        "q": Weight((L, D, H, K), ("layers", "embed", "heads", "head_dim"), std=std),
+        "k": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), std=std),
+        "v": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), std=std),
+        "o": Weight((L, H, K, D), ("layers", "heads", "head_dim", "embed"), std=out_std),
+    }
+    mlp = {
+        "up": Weight((L, D, F), ("layers", "embed", "mlp"), std=std),
+        "down": Weight((L, F, D), ("layers", "mlp", "embed"), std=out_std),
+    }
+    if cfg.mlp == "swiglu":
+        mlp["gate"] = Weight((L, D, F), ("layers", "embed", "mlp"), std=std)
+    if cfg.use_bias:
+        attn |= {
+            "q_bias": Weight((L, H, K), ("layers", "heads", "head_dim"), "zeros"),
+            "k_bias": Weight((L, G, K), ("layers", "kv_heads", "head_dim"), "zeros"),
+            "v_bias": Weight((L, G, K), ("layers", "kv_heads", "head_dim"), "zeros"),
+            "o_bias": Weight((L, D), ("layers", "embed"), "zeros"),
+        }
+        mlp |= {
+            "up_bias": Weight((L, F), ("layers", "mlp"), "zeros"),
+            "down_bias": Weight((L, D), ("layers", "embed"), "zeros"),
+        }
+        if cfg.mlp == "swiglu":
+            mlp["gate_bias"] = Weight((L, F), ("layers", "mlp"), "zeros")
+    decls: Params = {
+        "embed": Weight((V, D), ("vocab", "embed"), std=std),
+        "blocks": {
+            "attn_norm": _norm_decl(cfg, stacked=True),
+            "attn": attn,
+            "mlp_norm": _norm_decl(cfg, stacked=True),
+            "mlp": mlp,
+        },
+        "final_norm": _norm_decl(cfg, stacked=False),
+    }
+    if cfg.positions == "learned":
+        decls["pos_embed"] = Weight((cfg.seq_len, D), ("positions", "embed"), std=std / 2)
+    if not cfg.tie_embeddings:
+        decls["unembed"] = Weight((D, V), ("embed", "vocab"), std=std)
+    return decls
+
+
+def _is_weight(x) -> bool:
+    return isinstance(x, Weight)
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    return jax.tree.map(lambda w: w.axes, param_decls(cfg), is_leaf=_is_weight)
+
+
+def decay_mask(cfg: ModelConfig) -> Params:
+    return jax.tree.map(lambda w: w.decays, param_decls(cfg), is_leaf=_is_weight)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random params from the declarations; jit this with out_shardings to init sharded."""
+    decls = param_decls(cfg)
+    leaves, treedef = jax.tree.flatten(decls, is_leaf=_is_weight)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def one(w: Weight, k):
+        if w.init == "zeros":
+            return jnp.zeros(w.shape, dtype)
+        if w.init == "ones":
+            return jnp.ones(w.shape, dtype)
+        return (w.std * jax.random.normal(k, w.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [one(w, k) for w, k in zip(leaves, keys, strict=True)])
+
+
+def count_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
+    """Parameters as published: vocabulary padding rows are not counted.
+
+    ``embedding=False`` leaves out the token and position embeddings (the 6N of the FLOP count);
+    an untied output projection is counted either way.
+    """
+    decls = param_decls(cfg)
+    total = sum(math.prod(w.shape) for w in jax.tree.leaves(decls, is_leaf=_is_weight))
+    pad_rows = cfg.padded_vocab - cfg.vocab_size
+    total -= pad_rows * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    if not embedding:
+        total -= cfg.vocab_size * cfg.d_model
+        if cfg.positions == "learned":
+            total -= cfg.seq_len * cfg.d_model
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Layers: pure functions of (params, inputs, the few settings they need).
+# --------------------------------------------------------------------------------------------
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    if cfg.compute_dtype != "auto":
+        return jnp.dtype(cfg.compute_dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def norm(p: Params, x_BxTxD: jax.Array, kind: str, eps: float) -> jax.Array:
+    """LayerNorm or RMSNorm, computed in float32 whatever the compute dtype."""
+    x = x_BxTxD.astype(jnp.float32)
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps)
+    x = x * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        x = x + p["bias"].astype(jnp.float32)
+    return x.astype(x_BxTxD.dtype)
+
+
+def rope(x_BxTxNxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (as in Llama / Hugging Face)."""
+    K = x_BxTxNxK.shape[-1]
+    freq_K2 = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    angle_BxTxK2 = positions_BxT[..., None].astype(jnp.float32) * freq_K2
+    sin, cos = jnp.sin(angle_BxTxK2)[:, :, None, :], jnp.cos(angle_BxTxK2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxK.dtype)
+
+
+def sinusoidal(positions_BxT: jax.Array, d_model: int) -> jax.Array:
+    """The fixed sin/cos position encoding of 'Attention is all you need'."""
+    freq = 10000.0 ** (-jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)
+    angle_BxTxD2 = positions_BxT[..., None].astype(jnp.float32) * freq
+    out = jnp.zeros(positions_BxT.shape + (d_model,), jnp.float32)
+    out = out.at[..., 0::2].set(jnp.sin(angle_BxTxD2))
+    return out.at[..., 1::2].set(jnp.cos(angle_BxTxD2[..., : d_model // 2]))
+
+
+def qkv(p: Params, x_BxTxD: jax.Array, positions_BxT: jax.Array, cfg: ModelConfig):
+    """Project to queries, keys and values (with rotary positions applied when configured)."""
+    q_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD, p["q"])
+    k_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, p["k"])
+    v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x_BxTxD, p["v"])
+    if "q_bias" in p:
+        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = (
+            q_BxTxHxK + p["q_bias"],
+            k_BxTxGxK + p["k_bias"],
+            v_BxTxGxK + p["v_bias"],
+        )
+    if cfg.positions == "rope":
+        q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, cfg.rope_theta)
+        k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, cfg.rope_theta)
+    q_BxTxHxK = constrain(q_BxTxHxK, ("batch", "seq", "act_heads", None))
+    return q_BxTxHxK, k_BxTxGxK, v_BxTxGxK
+
+
+def attn_out(p: Params, o_BxTxHxK: jax.Array) -> jax.Array:
+    y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, p["o"])
+    return y_BxTxD + p["o_bias"] if "o_bias" in p else y_BxTxD
+
+
+def mlp(p: Params, x_BxTxD: jax.Array, kind: str) -> jax.Array:
+    up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["up"])
+    if "up_bias" in p:
+        up_BxTxF = up_BxTxF + p["up_bias"]
+    if kind == "swiglu":
+        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["gate"])
+        if "gate_bias" in p:
+            gate_BxTxF = gate_BxTxF + p["gate_bias"]
+        h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    else:
+        h_BxTxF = jax.nn.gelu(up_BxTxF, approximate=True)  # GPT-2's tanh GELU
+    h_BxTxF = constrain(h_BxTxF, ("batch", "seq", "act_mlp"))
+    y_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, p["down"])
+    return y_BxTxD + p["down_bias"] if "down_bias" in p else y_BxTxD
+
+
+def block(
+    p: Params, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_BxTxS: jax.Array | None, cfg: ModelConfig
+) -> jax.Array:
+    """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    with jax.named_scope("attention"):
+        h = norm(p["attn_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+        q, k, v = qkv(p["attn"], h, positions_BxT, cfg)
+        o_BxTxHxK = attend(q, k, v, mask_BxTxS, cfg.attention)
+        x_BxTxD = x_BxTxD + attn_out(p["attn"], o_BxTxHxK)
+    with jax.named_scope("mlp"):
+        h = norm(p["mlp_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+        x_BxTxD = x_BxTxD + mlp(p["mlp"], h, cfg.mlp)
+    return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def cast(params: Params, dtype) -> Params:
+    return jax.tree.map(lambda w: w.astype(dtype), params)
+
+
+def embed(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, cfg: ModelConfig) -> jax.Array:
+    x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0)
+    if cfg.positions == "learned":
+        x_BxTxD = x_BxTxD + jnp.take(params["pos_embed"], positions_BxT, axis=0)
+    elif cfg.positions == "sinusoidal":
+        x_BxTxD = x_BxTxD + sinusoidal(positions_BxT, cfg.d_model).astype(x_BxTxD.dtype)
+    return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+
+
+def decoder(
+    params: Params,
+    x_BxTxD: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array | None,
+    cfg: ModelConfig,
+) -> jax.Array:
+    """The block stack and final norm over input embeddings; params already in the compute dtype.
+
+    ``segment_ids=None`` is plain causal attention; otherwise attention stays within each segment
+    (document), and padding (segment 0) sees only padding.
+    """
+    mask_BxTxS = None if segment_ids_BxT is None else document_causal_mask(segment_ids_BxT, segment_ids_BxT)
+
+    def body(x, p_layer):
+        return block(p_layer, x, positions_BxT, mask_BxTxS, cfg), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, params["blocks"])
+    return norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+
+
+def hidden(
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array | None,
+    cfg: ModelConfig,
+) -> jax.Array:
+    """Final-normed hidden states [B, T, D] in the compute dtype."""
+    params = cast(params, compute_dtype(cfg))
+    x_BxTxD = embed(params, tokens_BxT, positions_BxT, cfg)
+    return decoder(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg)
+
+
+def unembed_matrix(params: Params) -> jax.Array:
+    """[D, V_padded]: the output projection, the transposed embedding when tied."""
+    return params["unembed"] if "unembed" in params else params["embed"].T
+
+
+def logits_from_hidden(params: Params, x_NxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Float32 logits over the padded vocabulary; padding columns are -inf."""
+    w_DxV = unembed_matrix(params).astype(x_NxD.dtype)
+    logits = jnp.einsum("...d,dv->...v", x_NxD, w_DxV, preferred_element_type=jnp.float32)
+    if cfg.padded_vocab != cfg.vocab_size:
+        valid_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+        logits = jnp.where(valid_V, logits, -jnp.inf)
+    return logits
+
+
+def forward(
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array | None,
+    cfg: ModelConfig,
+) -> jax.Array:
+    """Float32 logits [B, T, vocab_size] for every position."""
+    x_BxTxD = hidden(params, tokens_BxT, positions_BxT, segment_ids_BxT, cfg)
+    logits = logits_from_hidden(cast(params, x_BxTxD.dtype), x_BxTxD, cfg)
+    return constrain(logits, ("batch", "seq", "act_vocab"))[..., : cfg.vocab_size]
+
+
+def _token_losses(params: Params, x_NxD, targets_N, cfg: ModelConfig) -> jax.Array:
+    logits_NxV = logits_from_hidden(params, x_NxD, cfg)
+    lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+    target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
+    return lse_N - target_logit_N
+
+
+def loss_sums(
+    params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, document_masking: bool
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token cross-entropies, number of target tokens) for one batch.
+
+    With ``cfg.logits_chunk > 0`` the logits are computed chunk by chunk under remat, so the
+    float32 [tokens, vocab] matrix never exists in full, neither forward nor backward.
+    """
+    segment_ids = batch["segment_ids"] if document_masking else None
+    x_BxTxD = hidden(params, batch["inputs"], batch["positions"], segment_ids, cfg)
+    params_c = cast(params, x_BxTxD.dtype)
+    D = x_BxTxD.shape[-1]
+    x_NxD = x_BxTxD.reshape(-1, D)
+    targets_N = batch["targets"].reshape(-1)
+    mask_N = batch["loss_mask"].reshape(-1).astype(jnp.float32)
+    n = x_NxD.shape[0]
+    chunk = cfg.logits_chunk
+    if chunk <= 0 or chunk >= n:
+        losses_N = _token_losses(params_c, x_NxD, targets_N, cfg)
+        return (losses_N * mask_N).sum(), mask_N.sum()
+    pad = -n % chunk
+    x_CxMxD = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, D)
+    t_CxM = jnp.pad(targets_N, (0, pad)).reshape(-1, chunk)
+    m_CxM = jnp.pad(mask_N, (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def one_chunk(total, xs):
+        x_MxD, t_M, m_M = xs
+        return total + (_token_losses(params_c, x_MxD, t_M, cfg) * m_M).sum(), None
+
+    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), (x_CxMxD, t_CxM, m_CxM))
+    return total, mask_N.sum()

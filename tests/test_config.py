@@ -1,0 +1,104 @@
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from jaxlm import config
+from jaxlm.config import Config, ConfigError, apply_overrides, load_config, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_parse_against_declared_types():
+    cfg = apply_overrides(
+        Config(),
+        {
+            "model.n_layers": "4",
+            "optim.lr": "3e-4",
+            "model.n_kv_heads": "4",
+            "data.shuffle": "false",
+            "model.positions": "rope",
+            "data.inputs": "a.txt,b.jsonl",
+            "name": "exp",
+        },
+    )
+    assert cfg.model.n_layers == 4 and cfg.optim.lr == 3e-4 and cfg.model.n_kv_heads == 4
+    assert cfg.data.shuffle is False and cfg.model.positions == "rope"
+    assert cfg.data.inputs == ("a.txt", "b.jsonl") and cfg.name == "exp"
+    assert apply_overrides(cfg, {"model.n_kv_heads": "none"}).model.n_kv_heads is None
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("model.n_layer", "4", "valid keys in 'model'"),  # typo: lists the valid keys
+        ("modle.n_layers", "4", "valid sections"),
+        ("model.n_layers", "four", "is not an integer"),
+        ("model.positions", "alibi", "choose one of ['learned', 'rope', 'sinusoidal']"),
+        ("model.n_heads", "5", "d_model=768 is not divisible by n_heads=5"),
+        ("model.n_kv_heads", "5", "must divide n_heads=12"),
+        ("train.micro_batches", "5", "must divide batch_size=32"),
+        ("data.shuffle", "maybe", "not a bool"),
+        ("optim.lr", "-1", "optim.lr: must be positive"),
+        ("mesh.data", "0", "mesh.data"),
+    ],
+)
+def test_bad_overrides_name_the_key(key, value, needle):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), {key: value})
+    assert needle in str(e.value)
+    assert key.split(".")[0] in str(e.value) or "valid sections" in str(e.value)
+
+
+def test_python_values_are_type_checked():
+    with pytest.raises(ConfigError, match="model.n_layers"):
+        apply_overrides(Config(), {"model.n_layers": 2.5})
+    with pytest.raises(ConfigError, match="set args|section.field=value"):
+        config.parse_set_args(["model.n_layers"])
+
+
+def test_roundtrip_through_dict():
+    cfg = apply_overrides(Config(), {"model.n_kv_heads": "4", "data.inputs": "x,y"})
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown keys"):
+        config.from_dict({"model": {"bogus": 1}})
+
+
+def test_every_shipped_experiment_loads():
+    files = sorted((ROOT / "experiments").glob("*.py"))
+    assert files
+    for f in files:
+        cfg = load_config(f)
+        assert isinstance(cfg, Config)
+        doc = f.read_text().split('"""')[1]
+        assert "Run:" in doc and "Expect:" in doc, f"{f.name}: docstring must give the command and the result"
+
+
+def test_missing_experiment_file_is_named():
+    with pytest.raises(ConfigError, match="nope.py"):
+        load_config("nope.py")
+
+
+def test_every_config_field_is_read_somewhere():
+    """A field nothing reads is a lie in the config; each must appear as an attribute access in
+    jaxlm/, not counting validate(), which reads everything to check it."""
+    text = (ROOT / "jaxlm" / "config.py").read_text()
+    start = text.index("def validate(")
+    without_validate = text[:start] + text[text.index("\n# ----", start) :]
+    sources = without_validate + "\n".join(
+        p.read_text() for p in (ROOT / "jaxlm").rglob("*.py") if p.name != "config.py"
+    )
+    unread = []
+    for section in dataclasses.fields(Config):
+        if section.name == "name":
+            continue
+        for f in dataclasses.fields(section.default_factory):
+            if not re.search(rf"\.{f.name}\b", sources):
+                unread.append(f"{section.name}.{f.name}")
+    assert not unread, f"config fields never read: {unread}"
+
+
+def test_presets_unknown_name():
+    with pytest.raises(ConfigError, match="valid presets"):
+        preset("gpt5")
