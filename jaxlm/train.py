@@ -1,0 +1,270 @@
+"""The trainer, top to bottom: mesh, data, sharded init, restore, the jitted step, eval, logging,
+checkpoints. Read it in order; everything it calls is a small pure function elsewhere."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm import checkpoint, distributed, model, sharding
+from jaxlm.config import Config, ConfigError, to_dict
+from jaxlm.data import pipeline
+from jaxlm.metrics import RunLogger, write_json
+from jaxlm.optim import lr_schedule, make_optimizer
+
+State = dict[str, Any]  # {"step": int32[], "params": pytree, "opt_state": optax state}
+
+
+# ============================================================================================
+# State: declared shapes -> shardings -> jitted init that writes each shard where it lives.
+# ============================================================================================
+
+
+def make_tx(cfg: Config) -> optax.GradientTransformation:
+    return make_optimizer(cfg.optim, cfg.train.steps, model.decay_mask(cfg.model))
+
+
+def init_state(cfg: Config, key: jax.Array) -> State:
+    params = model.init_params(cfg.model, key)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": make_tx(cfg).init(params)}
+
+
+def state_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> State:
+    """Params shard by their logical axes; optimizer moments like the params they track."""
+    abstract = jax.eval_shape(lambda: init_state(cfg, jax.random.key(0)))
+    param_sh = sharding.shardings(mesh, model.logical_axes(cfg.model), abstract["params"])
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = optax.tree_map_params(
+        make_tx(cfg),
+        lambda _, s: s,
+        abstract["opt_state"],
+        param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+    )
+    return {"step": replicated, "params": param_sh, "opt_state": opt_sh}
+
+
+def create_state(cfg: Config, mesh: jax.sharding.Mesh, shardings: State) -> State:
+    init = jax.jit(lambda k: init_state(cfg, k), out_shardings=shardings)
+    return init(jax.random.key(cfg.train.seed))
+
+
+# ============================================================================================
+# The step: gradient accumulation over micro-batches, one optimizer update, metrics.
+# ============================================================================================
+
+
+def make_train_step(cfg: Config, state_sh: State, batch_sh):
+    tx = make_tx(cfg)
+    schedule = lr_schedule(cfg.optim, cfg.train.steps)
+    M = cfg.train.micro_batches
+    doc_mask = cfg.data.document_masking
+
+    def loss_and_grads(params, micro):
+        (loss_sum, count), grads = jax.value_and_grad(
+            lambda p: model.loss_sums(p, micro, cfg.model, doc_mask), has_aux=True
+        )(params)
+        return loss_sum, count, grads
+
+    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+        if M == 1:
+            loss_sum, count, grads = loss_and_grads(params, batch)
+        else:
+            # Row r goes to micro-batch r % M, so every device keeps its own rows in each micro-batch.
+            def split(x_BxT):
+                x = x_BxT.reshape(-1, M, *x_BxT.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(
+                    x,
+                    jax.sharding.NamedSharding(
+                        batch_sh.mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec)
+                    ),
+                )
+
+            def accumulate(carry, micro):
+                loss_sum, count, grads = loss_and_grads(params, micro)
+                return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean token loss
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
+        metrics = {
+            "loss": loss_sum / count,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+            "tokens": count,
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
+    )
+
+
+def make_eval_step(cfg: Config, param_sh, batch_sh):
+    def eval_step(params, batch):
+        return model.loss_sums(params, batch, cfg.model, cfg.data.document_masking)
+
+    return jax.jit(eval_step, in_shardings=(param_sh, batch_sh))
+
+
+def evaluate(eval_step, params, batches, to_global) -> float:
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss_sum, n = eval_step(params, to_global(batch))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
+
+
+# ============================================================================================
+# The run.
+# ============================================================================================
+
+
+def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
+    """Train ``cfg``; returns the summary written to ``<run>/summary.json``.
+
+    ``resume=None`` continues from the latest checkpoint when the run directory has one; ``True``
+    requires one; ``False`` refuses to overwrite a run that already has checkpoints.
+    """
+    # ---- processes and mesh -------------------------------------------------------------------
+    distributed.initialize(cfg.mesh)
+    t, pid, nproc = cfg.train, jax.process_index(), jax.process_count()
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_divisible(cfg.model, mesh)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (t.batch_size // t.micro_batches) % batch_shards:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} / train.micro_batches={t.micro_batches} must be divisible by "
+            f"mesh data x fsdp = {batch_shards}; change the batch size or the mesh"
+        )
+    jax.set_mesh(mesh)
+
+    # ---- data ---------------------------------------------------------------------------------
+    index = pipeline.ensure_prepared(cfg.data, cfg.model)
+
+    # ---- run directory, state, restore --------------------------------------------------------
+    run_path = cfg.run_path
+    run_path.mkdir(parents=True, exist_ok=True)
+    state_sh = state_shardings(cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    ckpt = checkpoint.manager(run_path, cfg.checkpoint)
+    latest = ckpt.latest_step()
+    if resume is True and latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_path / 'checkpoints'}; start without --resume")
+    if resume is False and latest is not None:
+        raise ConfigError(
+            f"{run_path} already holds checkpoints up to step {latest}; resume it, or pick another name"
+        )
+    if latest is not None:
+        abstract = checkpoint.abstract_with_shardings(
+            jax.eval_shape(lambda: init_state(cfg, jax.random.key(0))), state_sh
+        )
+        state, data_pos = checkpoint.restore(ckpt, latest, abstract)
+        start_step = int(data_pos["step"])
+    else:
+        state = create_state(cfg, mesh, state_sh)
+        start_step = 0
+    config_dict = to_dict(cfg)
+    if pid == 0:
+        write_json(run_path / "config.json", config_dict)
+
+    train_step = make_train_step(cfg, state_sh, batch_sh)
+    eval_step = make_eval_step(cfg, state_sh["params"], batch_sh)
+
+    def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+
+    def val_loss(params) -> float:
+        batches = pipeline.eval_batches(
+            cfg.data, cfg.model, index, t.batch_size // t.micro_batches, t.eval_batches, pid, nproc
+        )
+        return evaluate(eval_step, params, batches, to_global)
+
+    log = RunLogger(run_path, t.steps, start_step)
+    n_params = model.count_params(cfg.model)
+    log.line(
+        f"jaxlm: {cfg.name} | {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on "
+        f"{jax.device_count()} {jax.default_backend()} device(s) | "
+        f"{index['splits']['train']['tokens']:,} train tokens | step {start_step} -> {t.steps}"
+    )
+
+    # ---- loop ---------------------------------------------------------------------------------
+    batches = pipeline.train_batches(cfg.data, cfg.model, index, t.batch_size, start_step, pid, nproc)
+    pending = None  # (step, device metrics, dispatch time): read one step late, never waiting
+    last_time = time.perf_counter()
+    history: dict[str, float] = {}
+    best_val = float("inf")
+    val = None
+
+    def drain(pending) -> None:
+        nonlocal last_time
+        step, metrics = pending
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.lr or check the data")
+        now = time.perf_counter()
+        m["step_time"] = now - last_time
+        last_time = now
+        m["tokens_per_s"] = m["tokens"] / m["step_time"]
+        m["perplexity"] = float(np.exp(min(m["loss"], 50.0)))
+        history.update(m)
+        if step % t.log_every == 0 or step == t.steps:
+            log.scalars(
+                step,
+                {k: m[k] for k in ("loss", "perplexity", "grad_norm", "lr", "tokens_per_s", "step_time")},
+                prefix="train/",
+            )
+            log.progress(step, m)
+
+    try:
+        for step in range(start_step + 1, t.steps + 1):
+            batch = to_global(next(batches))
+            state, metrics = train_step(state, batch)
+            if pending is not None:
+                drain(pending)
+            pending = (step, metrics)
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                drain(pending)
+                pending = None
+                if index["splits"]["val"]["tokens"] > 0:
+                    val = val_loss(state["params"])
+                    best_val = min(best_val, val)
+                    log.scalars(
+                        step, {"loss": val, "perplexity": float(np.exp(min(val, 50.0)))}, prefix="val/"
+                    )
+                    log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {np.exp(min(val, 50.0)):.2f}")
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or step == t.steps:
+                checkpoint.save(ckpt, step, state, config_dict, force=step == t.steps)
+        if pending is not None:
+            drain(pending)
+        ckpt.wait_until_finished()
+    finally:
+        ckpt.close()
+        log.close()
+
+    summary = {
+        "status": "finished",
+        "step": t.steps,
+        "train_loss": history.get("loss"),
+        "val_loss": val,
+        "best_val_loss": best_val if val is not None else None,
+        "tokens_per_s": history.get("tokens_per_s"),
+        "params": n_params,
+    }
+    if pid == 0:
+        write_json(run_path / "summary.json", summary)
+    return summary
