@@ -55,3 +55,49 @@ def abstract_with_shardings(abstract_tree, shardings_tree):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings_tree
     )
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """A run dir, its checkpoints/ dir or one step dir -> (checkpoints dir, step)."""
+    p = Path(path).absolute()
+    if p.name.isdigit() and (p / "state").is_dir():
+        return p.parent, int(p.name)
+    for root in (p / "checkpoints", p):
+        if root.is_dir():
+            steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+            if steps:
+                return root, steps[-1]
+    raise FileNotFoundError(
+        f"no checkpoint found at {str(path)!r}; pass a run directory (runs/NAME), its checkpoints/ "
+        "directory or one step directory (runs/NAME/checkpoints/STEP)"
+    )
+
+
+def load_params(path: str | Path, mesh: jax.sharding.Mesh | None = None):
+    """(config, params, step) from a checkpoint alone; params placed on ``mesh`` (default: all
+    local devices, replicated by the model's sharding rules). Optimizer state is not read."""
+    from jaxlm import model, sharding
+    from jaxlm.config import from_dict
+
+    root, step = resolve(path)
+    mngr = ocp.CheckpointManager(root, item_names=("state", "data", "config"))
+    try:
+        cfg = from_dict(mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+        if mesh is None:
+            mesh = sharding.make_mesh(type(cfg.mesh)(data=-1))
+        abstract = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
+        shard = sharding.shardings(mesh, model.logical_axes(cfg.model), abstract)
+        target = {"params": abstract_with_shardings(abstract, shard)}
+        state = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        )["state"]
+    finally:
+        mngr.close()
+    return cfg, state["params"], step
