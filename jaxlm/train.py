@@ -103,7 +103,7 @@ def make_train_step(cfg: Config, state_sh: State, batch_sh):
         }
         metrics = {
             "loss": loss_sum / count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
             "tokens": count,
         }
@@ -142,7 +142,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     """
     # ---- processes and mesh -------------------------------------------------------------------
     distributed.initialize(cfg.mesh)
-    t, pid, nproc = cfg.train, jax.process_index(), jax.process_count()
+    t, pid = cfg.train, jax.process_index()
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -161,24 +161,29 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     run_path.mkdir(parents=True, exist_ok=True)
     state_sh = state_shardings(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
-    ckpt = checkpoint.manager(run_path, cfg.checkpoint)
-    latest = ckpt.latest_step()
-    if resume is True and latest is None:
-        raise ConfigError(f"--resume: no checkpoint in {run_path / 'checkpoints'}; start without --resume")
-    if resume is False and latest is not None:
+    # This process loads the rows its devices hold; processes sharing rows (tensor parallelism
+    # across hosts) load the same ones.
+    data_part = sharding.process_batch_slice(mesh)  # (index, count) of this process's rows
+    ckpt_dir = run_path / "checkpoints"
+    saved = checkpoint.complete_steps(ckpt_dir)
+    if resume is True and not saved:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
+    if resume is False and saved:
         raise ConfigError(
-            f"{run_path} already holds checkpoints up to step {latest}; resume it, or pick another name"
+            f"{run_path} already holds checkpoints up to step {saved[-1]}; resume it, or pick another name"
         )
-    if latest is not None:
+    config_dict = to_dict(cfg)
+    notes: list[str] = []  # what the restore had to say, logged once the log is open
+    if saved:
+        # The latest readable checkpoint, resharded onto this mesh; the data pipeline resumes at its step.
         abstract = checkpoint.abstract_with_shardings(
             jax.eval_shape(lambda: init_state(cfg, jax.random.key(0))), state_sh
         )
-        state, data_pos = checkpoint.restore(ckpt, latest, abstract)
-        start_step = int(data_pos["step"])
+        fresh_opt_state = jax.jit(make_tx(cfg).init, out_shardings=state_sh["opt_state"])
+        state, start_step, notes = checkpoint.restore(ckpt_dir, abstract, config_dict, fresh_opt_state)
     else:
         state = create_state(cfg, mesh, state_sh)
         start_step = 0
-    config_dict = to_dict(cfg)
     if pid == 0:
         write_json(run_path / "config.json", config_dict)
 
@@ -186,11 +191,14 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     eval_step = make_eval_step(cfg, state_sh["params"], batch_sh)
 
     def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+        return {
+            k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0] * data_part[1], *v.shape[1:]))
+            for k, v in local.items()
+        }
 
     def val_loss(params) -> float:
         batches = pipeline.eval_batches(
-            cfg.data, cfg.model, index, t.batch_size // t.micro_batches, t.eval_batches, pid, nproc
+            cfg.data, cfg.model, index, t.batch_size // t.micro_batches, t.eval_batches, *data_part
         )
         return evaluate(eval_step, params, batches, to_global)
 
@@ -201,9 +209,12 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
         f"{jax.device_count()} {jax.default_backend()} device(s) | "
         f"{index['splits']['train']['tokens']:,} train tokens | step {start_step} -> {t.steps}"
     )
+    for note in notes:
+        log.line(note)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint, say=log.line)
 
     # ---- loop ---------------------------------------------------------------------------------
-    batches = pipeline.train_batches(cfg.data, cfg.model, index, t.batch_size, start_step, pid, nproc)
+    batches = pipeline.train_batches(cfg.data, cfg.model, index, t.batch_size, start_step, *data_part)
     pending = None  # (step, device metrics, dispatch time): read one step late, never waiting
     last_time = time.perf_counter()
     history: dict[str, float] = {}
@@ -230,6 +241,9 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
             )
             log.progress(step, m)
 
+    stopped = None  # (step, signal name) when SIGTERM/SIGINT ended the run early
+    # From here the first SIGTERM/SIGINT finishes the step, checkpoints it and returns; a second exits.
+    stop = checkpoint.StopRequest()
     try:
         for step in range(start_step + 1, t.steps + 1):
             batch = to_global(next(batches))
@@ -237,7 +251,8 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
             if pending is not None:
                 drain(pending)
             pending = (step, metrics)
-            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            stopping = stop.requested()
+            if not stopping and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
                 drain(pending)
                 pending = None
                 if index["splits"]["val"]["tokens"] > 0:
@@ -247,18 +262,27 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
                         step, {"loss": val, "perplexity": float(np.exp(min(val, 50.0)))}, prefix="val/"
                     )
                     log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {np.exp(min(val, 50.0)):.2f}")
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or step == t.steps:
-                checkpoint.save(ckpt, step, state, config_dict, force=step == t.steps)
+            if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+                ckpt.save(step, state, config_dict)
+            if stopping:
+                stopped = (step, stop.signal)
+                break
         if pending is not None:
             drain(pending)
-        ckpt.wait_until_finished()
+        saved_ok = ckpt.wait()
+        if stopped:
+            where = ckpt_dir / str(stopped[0]) if saved_ok else "FAILED, see the error above"
+            log.line(
+                f"stopped by {stopped[1]} at step {stopped[0]}; checkpoint {where}; run again to continue"
+            )
     finally:
+        stop.restore()
         ckpt.close()
         log.close()
 
     summary = {
-        "status": "finished",
-        "step": t.steps,
+        "status": f"stopped by {stopped[1]}" if stopped else "finished",
+        "step": stopped[0] if stopped else t.steps,
         "train_loss": history.get("loss"),
         "val_loss": val,
         "best_val_loss": best_val if val is not None else None,
