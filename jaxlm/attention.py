@@ -2,21 +2,26 @@
 
 ``reference``: plain einsums with a float32 softmax (the ground truth the others are tested
 against). ``xla``: ``jax.nn.dot_product_attention(implementation='xla')``. ``cudnn``: the cuDNN
-flash-attention kernel (NVIDIA GPUs, bf16/fp16, causal only). ``auto`` picks the fastest backend
-that supports the request. A backend that cannot honour a document (segment) mask is refused,
-never silently run without it.
+flash-attention kernel (NVIDIA GPUs, bf16/fp16, causal only). ``splash``: the Pallas splash-attention
+kernel (TPU; honours segment ids; sequence length a multiple of 128). ``auto`` picks the fastest
+backend that supports the request. A backend that cannot honour a document (segment) mask or an
+explicit mask is refused with a ConfigError, never silently run without it.
 
 Shapes: B batch, T query positions, S key positions, H query heads, G kv heads, R = H // G, K head dim.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.config import ConfigError
 
-BACKENDS = ("reference", "xla", "cudnn")
+BACKENDS = ("reference", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # the splash kernel tiles T and S in blocks of (a multiple of) this
 
 
 def document_causal_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array) -> jax.Array:
@@ -32,31 +37,58 @@ def causal_mask(T: int, S: int | None = None) -> jax.Array:
     return (jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :])[None]
 
 
-def resolve_backend(backend: str, has_mask: bool, dtype, platform: str | None = None) -> str:
-    """The backend that will run: ``auto`` resolved, unsupported requests refused with a reason."""
+def resolve_backend(
+    backend: str,
+    *,
+    segment_ids: bool,
+    dtype,
+    seq_len: int,
+    custom_mask: bool = False,
+    platform: str | None = None,
+) -> str:
+    """The backend that will run: ``auto`` resolved, unsupported requests refused with a reason.
+
+    ``segment_ids``: document masking is on. ``custom_mask``: the caller passes an explicit
+    [B, T, S] mask (e.g. a key/value cache), which only ``reference`` and ``xla`` can apply.
+    """
     platform = platform or jax.default_backend()
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if backend == "auto":
-        if platform == "gpu" and not has_mask and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        if platform == "gpu" and half and not segment_ids and not custom_mask:
             return "cudnn"
+        if platform == "tpu" and not custom_mask and seq_len % SPLASH_BLOCK == 0:
+            return "splash"
         return "xla"
     if backend not in BACKENDS:
         raise ConfigError(f"model.attention={backend!r} is unknown; choose one of {('auto',) + BACKENDS}")
-    if backend == "cudnn":
-        if platform != "gpu":
+    if backend in ("cudnn", "splash"):
+        need = {"cudnn": "gpu", "splash": "tpu"}[backend]
+        if platform != need:
             raise ConfigError(
-                f"model.attention='cudnn' needs an NVIDIA GPU, but this run is on {platform!r}; "
+                f"model.attention={backend!r} needs a {need.upper()}, but this run is on {platform!r}; "
                 "use model.attention=auto or xla"
             )
-        if has_mask:
+        if custom_mask:
+            raise ConfigError(
+                f"model.attention={backend!r} cannot apply an explicit attention mask (as used with a "
+                "key/value cache); use model.attention=auto or xla"
+            )
+    if backend == "cudnn":
+        if segment_ids:
             raise ConfigError(
                 "model.attention='cudnn' cannot honour document masking (segment ids); set "
-                "data.document_masking=false or model.attention=xla"
+                "data.document_masking=false or model.attention=auto (xla)"
             )
-        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        if not half:
             raise ConfigError(
                 f"model.attention='cudnn' needs bfloat16/float16 compute, got {jnp.dtype(dtype).name}; "
                 "set model.compute_dtype=bfloat16 or model.attention=xla"
             )
+    if backend == "splash" and seq_len % SPLASH_BLOCK:
+        raise ConfigError(
+            f"model.attention='splash' needs model.seq_len divisible by {SPLASH_BLOCK}, got {seq_len}; "
+            "change the sequence length or use model.attention=xla"
+        )
     return backend
 
 
@@ -72,22 +104,96 @@ def _reference(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS):
     return o_BxTxGxRxK.reshape(B, T, H, K)
 
 
+def splash_block_sizes(T: int):
+    """Largest blocks up to 512 that tile T (T % 128 == 0 is checked by resolve_backend)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b = next(b for b in (512, 256, 128) if T % b == 0)
+    return sa.BlockSizes(
+        block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+        block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _splash_kernel(H: int, T: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    mask = sa.MultiHeadMask([sa.CausalMask((T, T))] * H)
+    return sa.make_splash_mha(
+        mask, block_sizes=splash_block_sizes(T), head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def _splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, interpret: bool):
+    """Pallas splash attention, vmapped over the batch, under shard_map when a mesh is set (a
+    Pallas call cannot be partitioned automatically: each device runs it on its batch rows and heads)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    from jaxlm.sharding import logical_to_spec
+
+    B, T, H, K = q_BxTxHxK.shape
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+
+    def local(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, seg_BxT):
+        kernel = _splash_kernel(q_BxHxTxK.shape[1], T, interpret)
+        # the kernel takes queries pre-scaled; grouped kv heads are shared by H // G query heads
+        q_BxHxTxK = q_BxHxTxK * jnp.asarray(1 / np.sqrt(K), q_BxHxTxK.dtype)
+        ids = sa.SegmentIds(q=seg_BxT, kv=seg_BxT)
+        return jax.vmap(kernel)(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, segment_ids=ids)
+
+    args = (
+        q_BxTxHxK.transpose(0, 2, 1, 3),
+        k_BxSxGxK.transpose(0, 2, 1, 3),
+        v_BxSxGxK.transpose(0, 2, 1, 3),
+        segment_ids_BxT.astype(jnp.int32),
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        heads = logical_to_spec(("batch", "act_heads", None, None))
+        ids = logical_to_spec(("batch", None))
+        local = jax.shard_map(local, in_specs=(heads, heads, heads, ids), out_specs=heads, check_vma=False)
+    return local(*args).transpose(0, 2, 1, 3)
+
+
 def attend(
     q_BxTxHxK: jax.Array,
     k_BxSxGxK: jax.Array,
     v_BxSxGxK: jax.Array,
     mask_BxTxS: jax.Array | None = None,
     backend: str = "auto",
+    *,
+    segment_ids_BxT: jax.Array | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
-    """Multi-head (grouped-query) attention. ``mask=None`` means plain causal attention with the
-    last query aligned to the last key; otherwise ``mask`` (True = visible) is used as given."""
+    """Multi-head (grouped-query) causal attention, the last query aligned to the last key.
+
+    ``segment_ids_BxT`` (document masking): a query sees only earlier keys of its own segment;
+    segment 0 (padding) sees only padding. ``mask_BxTxS`` (True = visible) replaces the causal mask
+    outright, for callers such as a key/value cache; give one or the other. ``interpret`` runs the
+    splash kernel in the Pallas interpreter, so CPU tests can check it against the reference.
+    """
+    if mask_BxTxS is not None and segment_ids_BxT is not None:
+        raise ValueError("attend: pass mask_BxTxS or segment_ids_BxT, not both")
     T, S = q_BxTxHxK.shape[1], k_BxSxGxK.shape[1]
-    impl = resolve_backend(backend, mask_BxTxS is not None, q_BxTxHxK.dtype)
+    impl = resolve_backend(
+        backend,
+        segment_ids=segment_ids_BxT is not None,
+        custom_mask=mask_BxTxS is not None,
+        dtype=q_BxTxHxK.dtype,
+        seq_len=T,
+        platform="tpu" if interpret else None,
+    )
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
             q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=True, implementation="cudnn"
         )
-    if mask_BxTxS is None:
+    if impl == "splash":
+        return _splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, interpret)
+    if segment_ids_BxT is not None:
+        mask_BxTxS = document_causal_mask(segment_ids_BxT, segment_ids_BxT)
+    elif mask_BxTxS is None:
         mask_BxTxS = causal_mask(T, S)
     if impl == "reference":
         return _reference(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS)

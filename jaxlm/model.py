@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlm.attention import attend, document_causal_mask
+from jaxlm.attention import attend
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
 
@@ -236,18 +236,48 @@ def mlp(p: Params, x_BxTxD: jax.Array, kind: str) -> jax.Array:
 
 
 def block(
-    p: Params, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_BxTxS: jax.Array | None, cfg: ModelConfig
+    p: Params,
+    x_BxTxD: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array | None,
+    cfg: ModelConfig,
 ) -> jax.Array:
     """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
     with jax.named_scope("attention"):
         h = norm(p["attn_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
         q, k, v = qkv(p["attn"], h, positions_BxT, cfg)
-        o_BxTxHxK = attend(q, k, v, mask_BxTxS, cfg.attention)
+        o_BxTxHxK = attend(q, k, v, backend=cfg.attention, segment_ids_BxT=segment_ids_BxT)
         x_BxTxD = x_BxTxD + attn_out(p["attn"], o_BxTxHxK)
     with jax.named_scope("mlp"):
         h = norm(p["mlp_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
         x_BxTxD = x_BxTxD + mlp(p["mlp"], h, cfg.mlp)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+
+
+def block_cached(
+    p: Params,
+    x_BxTxD: jax.Array,
+    positions_BxT: jax.Array,
+    mask_BxTxS: jax.Array,
+    k_BxSxGxK: jax.Array,
+    v_BxSxGxK: jax.Array,
+    start: jax.Array,
+    cfg: ModelConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``block`` for decoding with a key/value cache: the T new keys/values are written into the
+    cache at slots [start, start + T) and the queries attend over the whole cache under ``mask``
+    (which must hide unwritten slots). Returns (x, k cache, v cache)."""
+    with jax.named_scope("attention"):
+        h = norm(p["attn_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+        q, k, v = qkv(p["attn"], h, positions_BxT, cfg)
+        k_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(k_BxSxGxK, k.astype(k_BxSxGxK.dtype), start, 1)
+        v_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(v_BxSxGxK, v.astype(v_BxSxGxK.dtype), start, 1)
+        o_BxTxHxK = attend(q, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg.attention)
+        x_BxTxD = x_BxTxD + attn_out(p["attn"], o_BxTxHxK)
+    with jax.named_scope("mlp"):
+        h = norm(p["mlp_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+        x_BxTxD = x_BxTxD + mlp(p["mlp"], h, cfg.mlp)
+    return x_BxTxD, k_BxSxGxK, v_BxSxGxK
 
 
 _REMAT_POLICIES = {
@@ -261,9 +291,13 @@ def cast(params: Params, dtype) -> Params:
 
 
 def embed(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0)
+    # Gather the FSDP-split model dimension of the tables first (ZeRO-3, like every weight): a
+    # lookup into a table split on D cannot produce batch-split rows without a full reshuffle.
+    table_VxD = constrain(params["embed"], ("vocab", "act_embed"))
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
     if cfg.positions == "learned":
-        x_BxTxD = x_BxTxD + jnp.take(params["pos_embed"], positions_BxT, axis=0)
+        pos_PxD = constrain(params["pos_embed"], ("positions", "act_embed"))
+        x_BxTxD = x_BxTxD + jnp.take(pos_PxD, positions_BxT, axis=0)
     elif cfg.positions == "sinusoidal":
         x_BxTxD = x_BxTxD + sinusoidal(positions_BxT, cfg.d_model).astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
@@ -281,10 +315,9 @@ def decoder(
     ``segment_ids=None`` is plain causal attention; otherwise attention stays within each segment
     (document), and padding (segment 0) sees only padding.
     """
-    mask_BxTxS = None if segment_ids_BxT is None else document_causal_mask(segment_ids_BxT, segment_ids_BxT)
 
     def body(x, p_layer):
-        return block(p_layer, x, positions_BxT, mask_BxTxS, cfg), None
+        return block(p_layer, x, positions_BxT, segment_ids_BxT, cfg), None
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)

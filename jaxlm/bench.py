@@ -1,0 +1,242 @@
+"""Benchmark the real train step on synthetic tokens: step time, tokens/s, TFLOP/s, MFU, memory.
+
+    jaxlm bench experiments/gpt2_124m.py --steps 10 --warmup 2
+
+The step is ``train.make_train_step`` on state from ``train.create_state``, sharded on the
+configured mesh, fed random tokens (no data preparation). Warm-up steps are excluded from the
+statistics and compilation is timed on its own.
+
+Model FLOPs per token (fwd + bwd, the convention of Kaplan et al. and PaLM, no causal halving):
+
+    6 * N  +  12 * L * H * Q * T
+
+N counts every parameter a token's forward pass multiplies by: ``model.count_params(cfg,
+embedding=False)`` (all blocks, norms and biases included, the untied output projection included)
+plus ``vocab_size * d_model`` for a tied output projection, which the embedding count left out.
+Vocabulary padding is not counted (it is wasted work, not model work). The second term is the
+attention scores and weighted sum (2 * 2 * T * Q per head and layer forward, x3 with backward),
+counted over the full T x T square as PaLM does, though a causal mask makes half of it moot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import model, sharding, train
+from jaxlm.config import Config, ConfigError, ModelConfig
+
+# Dense bf16 peak TFLOP/s per device (no sparsity), matched as substrings of device_kind, first
+# match wins (so "H100 PCIe" is tried before "H100", "v5 lite" before "v5").
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),  # v5p reports itself as "TPU v5"
+    ("TPU v6 lite", 918.0),
+    ("TPU v6e", 918.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Dense bf16 peak of one device from the table, or None for unknown kinds (e.g. CPUs)."""
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def flop_params(cfg: ModelConfig) -> int:
+    """N of the 6N rule: non-embedding parameters plus the output projection (see module doc)."""
+    n = model.count_params(cfg, embedding=False)
+    return n + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+
+
+def flops_per_token(cfg: ModelConfig) -> dict[str, int]:
+    """Model FLOPs of forward + backward per token: {"dense": 6N, "attention": 12LHQT, "total"}."""
+    dense = 6 * flop_params(cfg)
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * cfg.seq_len
+    return {"dense": dense, "attention": attention, "total": dense + attention}
+
+
+def matmul_tflops(n: int, dtype, repeats: int = 5) -> float:
+    """Measured peak: median TFLOP/s of a jitted n x n x n matmul on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(times)) / 1e12
+
+
+def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random tokens shaped like a pipeline batch; with document masking, 1-4 documents a row."""
+    B, T, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
+    tokens = rng.integers(0, V, (B, T + 1), dtype=np.int32)
+    seg = np.ones((B, T), np.int32)
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+    if cfg.data.document_masking:
+        for r in range(B):
+            cuts = np.sort(rng.choice(np.arange(1, T), rng.integers(0, min(4, T)), replace=False))
+            for i, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, T], strict=True)):
+                seg[r, a:b], pos[r, a:b] = i + 1, np.arange(b - a)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": np.ones((B, T), np.float32),
+        "segment_ids": seg,
+        "positions": pos,
+    }
+
+
+def peak_memory() -> tuple[float, str]:
+    """(peak GiB, what was measured): device peak where the runtime reports it, else process RSS."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30, "device peak_bytes_in_use"
+    # ru_maxrss is KiB on Linux: the whole process (host), not a device figure
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS (no device stats)"
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int | None = None) -> dict[str, Any]:
+    """Compile and time the train step; returns the figures ``report`` prints."""
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_divisible(cfg.model, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.train.batch_size // cfg.train.micro_batches) % shards:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} / train.micro_batches={cfg.train.micro_batches} must "
+            f"be divisible by mesh data x fsdp = {shards}; change the batch size or the mesh"
+        )
+    jax.set_mesh(mesh)
+    state_sh = train.state_shardings(cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    state = train.create_state(cfg, mesh, state_sh)
+    batch = {
+        k: jax.device_put(v, batch_sh) for k, v in synthetic_batch(cfg, np.random.default_rng(0)).items()
+    }
+
+    t0 = time.perf_counter()
+    step = train.make_train_step(cfg, state_sh, batch_sh).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+
+    param_dtypes = sorted({x.dtype.name for x in jax.tree.leaves(state["params"])})
+    times, first = [], state
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    donated = all(x.is_deleted() for x in jax.tree.leaves(first))  # updated in place, no second copy
+    del first
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"bench: loss is {loss}; the benchmark step is broken")
+
+    n_dev = mesh.devices.size
+    dev = jax.devices()[0]
+    cdtype = model.compute_dtype(cfg.model)
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    median = float(np.median(times))
+    tok_s_dev = tokens / median / n_dev
+    fpt = flops_per_token(cfg.model)
+    tflops_dev = fpt["total"] * tok_s_dev / 1e12
+    peak = peak_tflops(dev.device_kind)
+    n = matmul_n or (2048 if dev.platform == "cpu" else 8192)
+    measured = matmul_tflops(n, cdtype)
+    mem_gib, mem_kind = peak_memory()
+    return {
+        "name": cfg.name,
+        "device": f"{n_dev} x {dev.device_kind} ({dev.platform})",
+        "compute_dtype": jnp.dtype(cdtype).name,
+        "param_dtypes": param_dtypes,
+        "donated_state": donated,
+        "attention": cfg.model.attention,
+        "batch": [cfg.train.batch_size, cfg.model.seq_len],
+        "steps": steps,
+        "warmup": warmup,
+        "compile_s": compile_s,
+        "step_s": {
+            "median": median,
+            "p10": float(np.percentile(times, 10)),
+            "p90": float(np.percentile(times, 90)),
+        },
+        "tokens_per_s_per_device": tok_s_dev,
+        "flops_per_token": fpt,
+        "flop_params": flop_params(cfg.model),
+        "model_tflops_per_device": tflops_dev,
+        "peak_tflops": peak,
+        "mfu": tflops_dev / peak if peak else None,
+        "matmul": {"n": n, "dtype": jnp.dtype(cdtype).name, "tflops": measured},
+        "fraction_of_matmul_peak": tflops_dev / measured,
+        "peak_memory_gib": mem_gib,
+        "peak_memory_kind": mem_kind,
+        "loss": loss,
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    s = r["step_s"]
+    mfu = (
+        f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else "n/a (no table peak)"
+    )
+    return "\n".join(
+        [
+            f"bench {r['name']}: {r['device']}, batch {r['batch'][0]} x {r['batch'][1]}, "
+            f"{r['steps']} steps after {r['warmup']} warm-up",
+            f"  numerics         {r['compute_dtype']} compute on {'/'.join(r['param_dtypes'])} params, "
+            f"attention={r['attention']}, state donated: {'yes' if r['donated_state'] else 'NO'}",
+            f"  compile          {r['compile_s']:.1f} s",
+            f"  step time        median {1e3 * s['median']:.1f} ms  (p10 {1e3 * s['p10']:.1f}, "
+            f"p90 {1e3 * s['p90']:.1f})",
+            f"  tokens/s/device  {r['tokens_per_s_per_device']:,.0f}",
+            f"  model FLOPs/tok  {r['flops_per_token']['total']:,} (6N = {r['flops_per_token']['dense']:,}, "
+            f"attention {r['flops_per_token']['attention']:,}; N = {r['flop_params']:,})",
+            f"  TFLOP/s/device   {r['model_tflops_per_device']:.3f}",
+            f"  MFU              {mfu} TFLOP/s",
+            f"  matmul peak      {r['matmul']['tflops']:.3f} TFLOP/s measured ({r['matmul']['n']}^3 "
+            f"{r['matmul']['dtype']}); step reaches {100 * r['fraction_of_matmul_peak']:.1f}% of it",
+            f"  peak memory      {r['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})",
+        ]
+    )
+
+
+def bench_main(argv: list[str]) -> int:
+    from jaxlm.config import load_config
+
+    p = argparse.ArgumentParser(prog="jaxlm bench", description="Time the train step on synthetic data.")
+    p.add_argument("experiment", help="experiments/NAME.py exposing get_config()")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
+    p.add_argument("--matmul-n", type=int, default=None, help="size of the peak matmul (2048 CPU, else 8192)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON here")
+    args = p.parse_args(argv)
+    cfg = load_config(args.experiment, args.set)
+    r = run_bench(cfg, args.steps, args.warmup, args.matmul_n)
+    print(report(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    sys.stdout.flush()
+    return 0
