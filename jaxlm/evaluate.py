@@ -1,0 +1,86 @@
+"""Loss and perplexity of a checkpoint on one split of a prepared data directory (``jaxlm eval``).
+
+The checkpoint alone defines the model; the evaluation step and batches are the trainer's own
+(``train.make_eval_step``, ``pipeline.eval_batches``), so with the defaults the loss is the one the
+run logged as val loss at that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxlm import checkpoint, model, sharding, train
+from jaxlm.config import ConfigError, MeshConfig
+from jaxlm.data import pipeline
+from jaxlm.data.prepare import DataError
+
+SPLITS = ("val", "train")
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "val",
+    batches: int | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Mean token loss of the checkpoint at ``path`` on ``split`` of ``data_dir``.
+
+    ``data_dir`` defaults to the run's ``data.dir``, ``batches`` to its ``train.eval_batches``
+    (0: the whole split) and ``batch_size`` to its per-micro-batch batch size. Runs on every
+    device, data-parallel.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r} is not valid; choose one of {list(SPLITS)}")
+    mesh = sharding.make_mesh(MeshConfig(data=-1))
+    cfg, params, step = checkpoint.load_params(path, mesh)
+    data_cfg = cfg.data
+    if data_dir is not None:
+        if not (Path(data_dir) / "index.json").is_file():
+            raise DataError(
+                f"--data {str(data_dir)!r} holds no prepared data (no index.json); prepare it with "
+                f"`jaxlm prepare ... --out {data_dir}` using tokenizer {cfg.data.tokenizer!r}"
+            )
+        data_cfg = dataclasses.replace(cfg.data, dir=str(data_dir))
+    index = pipeline.ensure_prepared(data_cfg, cfg.model)
+    global_batch = batch_size or cfg.train.batch_size // cfg.train.micro_batches
+    n_batches = cfg.train.eval_batches if batches is None else batches
+    if n_batches < 0:
+        raise ConfigError(f"--batches={n_batches} must be >= 0 (0 evaluates the whole split)")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch < 1 or global_batch % shards:
+        raise ConfigError(
+            f"--batch-size={global_batch} must be a positive multiple of the {shards} devices; "
+            f"pass --batch-size {shards * max(1, global_batch // shards)}"
+        )
+
+    param_sh = sharding.shardings(mesh, model.logical_axes(cfg.model), params)
+    batch_sh = sharding.batch_sharding(mesh)
+    data_part = sharding.process_batch_slice(mesh)
+
+    def to_global(local):
+        return {
+            k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0] * data_part[1], *v.shape[1:]))
+            for k, v in local.items()
+        }
+
+    with jax.set_mesh(mesh):  # the activation sharding constraints the trainer's eval ran under
+        eval_step = train.make_eval_step(cfg, param_sh, batch_sh)
+        it = pipeline.eval_batches(
+            data_cfg, cfg.model, index, global_batch, n_batches, *data_part, split=split
+        )
+        loss = train.evaluate(eval_step, params, it, to_global)
+    return {
+        "step": step,
+        "split": split,
+        "data": str(data_cfg.dir),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "batches": n_batches,
+        "batch_size": global_batch,
+    }
