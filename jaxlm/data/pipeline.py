@@ -207,7 +207,11 @@ def eval_batches(
     if split not in index["splits"]:
         raise DataError(f"split {split!r} is not in {data_cfg.dir}; choose one of {sorted(index['splits'])}")
     if index["splits"][split]["tokens"] < 2:
-        fix = "set data.val_fraction > 0 and prepare again" if split == "val" else "prepare it again"
+        fix = (
+            "set data.val_fraction > 0 (with at least two documents in the inputs) and prepare again"
+            if split == "val"
+            else "prepare it again"
+        )
         raise DataError(
             f"the {split} split of {data_cfg.dir} is empty; {fix} (delete {data_cfg.dir} or point "
             "data.dir elsewhere)"

@@ -495,8 +495,8 @@ def prepare(
         mininterval=0.5,
     )
     pool = None
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
     try:
-        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         tasks = _tasks(paths, val_fraction, seed, dtype, stats, bar)
         if workers > 1:
             # spawn, not fork: prepare may run inside a process that already started JAX's threads.
@@ -564,6 +564,9 @@ def prepare(
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for w in writers.values():
+            if w._file is not None:  # interrupted mid-shard
+                w._file.close()
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     if bad_bytes:
@@ -635,7 +638,7 @@ def prepare_main(argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
         prepare(args.input, args.tokenizer, args.out, args.val_fraction, seed=args.seed, workers=args.workers)
-    except (_ArgumentError, DataError) as e:
+    except (_ArgumentError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
