@@ -34,8 +34,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> Cache:
 
 
 def _decode_cfg(cfg: ModelConfig) -> ModelConfig:
-    # Cached attention needs an explicit mask, which the cuDNN kernel cannot take.
-    return dataclasses.replace(cfg, attention="xla") if cfg.attention == "cudnn" else cfg
+    # Cached attention needs an explicit mask, which the fused cuDNN/splash kernels cannot take.
+    return dataclasses.replace(cfg, attention="xla") if cfg.attention in ("cudnn", "splash") else cfg
 
 
 def hidden_cached(

@@ -74,6 +74,9 @@ def test_greedy_is_deterministic_and_is_the_argmax_of_the_full_forward():
         for _ in range(10):
             seq.append(int(_right_padded_forward(params, cfg, [seq])[0, len(seq) - 1].argmax()))
         assert new == seq[len(prompt) :]
+    # a model trained with a fused kernel that takes no mask decodes with the masked xla attention
+    fused = dataclasses.replace(cfg, attention="splash")
+    assert sampling.generate(params, fused, PROMPTS, 10, temperature=0) == out
 
 
 def test_generation_stops_at_the_end_of_document_token():
