@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import ConfigError, MeshConfig, ModelConfig
 
@@ -45,8 +45,14 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: dict = RULES) -> PartitionSpec:
-    """Map logical axis names to a PartitionSpec, refusing two axes on one mesh axis."""
+def logical_to_spec(
+    axes: Sequence[str | None], rules: dict = RULES, mesh: Mesh | AbstractMesh | None = None
+) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec, refusing two axes of one array on one mesh axis.
+
+    With ``mesh``, mesh axes of size 1 are left out (splitting over one device is replication), so
+    the spec says what is really sharded on that mesh.
+    """
     used: dict[str, str] = {}
     out = []
     for name in axes:
@@ -56,14 +62,17 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict = RULES) -> Partitio
         if name not in rules:
             raise ConfigError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
         target = rules[name]
-        for mesh_axis in (target,) if isinstance(target, str) else (target or ()):
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        for mesh_axis in targets:
             if mesh_axis in used:
                 raise ConfigError(
                     f"sharding rules map logical axes {used[mesh_axis]!r} and {name!r} of one array "
                     f"{tuple(axes)} onto the same mesh axis {mesh_axis!r}; change RULES in jaxlm/sharding.py"
                 )
             used[mesh_axis] = name
-        out.append(target)
+        if mesh is not None:
+            targets = tuple(a for a in targets if mesh.shape[a] > 1)
+        out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
     return PartitionSpec(*out)
 
 
@@ -73,6 +82,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict = RULES) -> Partitio
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from the config; one size may be -1 to take the devices left."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -91,35 +101,50 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over ``devices`` (default: every device of every process).
+
+    Devices are laid out process-major, so one process's devices fill the innermost axes first:
+    tensor parallelism stays inside a host (fast links) and each process holds a contiguous
+    block of the batch (see ``process_batch_slice``). On TPU, JAX's topology-aware layout is
+    used instead; it keeps the same axis order.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
-    try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # unusual topologies: fall back to the given order
-        arr = np.asarray(devices).reshape(shape)
+    if devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        arr = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
     return Mesh(arr, MESH_AXES)
 
 
 def check_divisible(model: ModelConfig, mesh: Mesh) -> None:
-    """Tensor parallelism must split heads, kv heads, MLP hidden and vocabulary evenly."""
-    tp = mesh.shape["tensor"]
-    for key, value in (
-        ("model.n_heads", model.n_heads),
-        ("model.n_kv_heads", model.kv_heads),
-        ("model.d_ff", model.d_ff),
-        ("model.vocab_size (padded)", model.padded_vocab),
-    ):
-        if value % tp:
-            raise ConfigError(
-                f"mesh.tensor={tp} does not divide {key}={value}; pick a tensor size that divides it"
-            )
+    """Every sharded weight dimension must split evenly; one error lists every mismatch."""
+    tp, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    vocab = (
+        f"the padded vocabulary {model.padded_vocab} (model.vocab_size={model.vocab_size} rounded up to "
+        f"a multiple of model.vocab_multiple={model.vocab_multiple})"
+    )
+    checks = [
+        ("tensor", tp, f"model.n_heads={model.n_heads}", model.n_heads),
+        ("tensor", tp, f"model.n_kv_heads={model.kv_heads}", model.kv_heads),
+        ("tensor", tp, f"model.d_ff={model.d_ff}", model.d_ff),
+        ("tensor", tp, vocab, model.padded_vocab),
+        ("fsdp", fsdp, f"model.d_model={model.d_model}", model.d_model),
+    ]
+    bad = [f"mesh.{axis}={n} does not divide {what}" for axis, n, what, value in checks if value % n]
+    if bad:
+        raise ConfigError(
+            "; ".join(bad) + ". Pick mesh sizes that divide these model sizes (or change the model)"
+        )
 
 
 def shardings(mesh: Mesh, axes_tree, shapes_tree=None):
     """NamedShardings for a pytree of logical-axis tuples; checks each dimension divides evenly."""
 
     def one(axes, shape=None):
-        spec = logical_to_spec(axes)
+        spec = logical_to_spec(axes, mesh=mesh)
         if shape is not None:
             for dim, target in zip(shape, spec, strict=True):
                 names = (target,) if isinstance(target, str) else (target or ())
@@ -138,7 +163,48 @@ def shardings(mesh: Mesh, axes_tree, shapes_tree=None):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch", "seq")))
+    """[batch, seq] arrays: rows split over data x fsdp (replicated over tensor)."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh=mesh))
+
+
+def process_batch_slice(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index * B/count, (index+1) * B/count) of a global batch.
+
+    ``jax.make_array_from_process_local_data`` fills a process's devices from its local rows in
+    global-row order, so the rows the data pipeline hands a process must be exactly the block its
+    devices hold. Processes that hold the same rows (tensor parallelism across hosts) get the same
+    index and load the same rows; count is the number of distinct blocks, not of processes.
+    """
+    pid = jax.process_index() if process_index is None else process_index
+    procs = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return batch_blocks(procs, list(mesh.axis_names), pid)
+
+
+def batch_blocks(procs: np.ndarray, axis_names: list[str], process_index: int) -> tuple[int, int]:
+    """``process_batch_slice`` on an array of process ids shaped like the mesh (testable anywhere)."""
+    batch_axes = logical_to_spec(("batch",))[0]
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    rest = [a for a in axis_names if a not in batch_axes]
+    # Rows of the batch are ordered by the batch mesh axes in rule order; other axes replicate.
+    order = [axis_names.index(a) for a in (*batch_axes, *rest)]
+    p = procs.transpose(order).reshape(math.prod(procs.shape[axis_names.index(a)] for a in batch_axes), -1)
+    n_blocks = p.shape[0]
+    held = {q: tuple(sorted({b for b in range(n_blocks) if q in p[b]})) for q in np.unique(procs).tolist()}
+    if process_index not in held:
+        raise ValueError(f"process {process_index} owns no device of the mesh")
+    groups = sorted(set(held.values()))
+    sizes = {len(g) for g in groups}
+    covered = sorted(b for g in groups for b in g)
+    if len(sizes) != 1 or covered != list(range(n_blocks)):
+        raise ConfigError(
+            f"the mesh gives processes overlapping or uneven parts of the batch ({held}); "
+            "each process must hold an equal share of the data x fsdp axes; change the mesh sizes"
+        )
+    # make_mesh gives each process one contiguous block (rank == position). A topology-aware TPU
+    # layout may give a process scattered blocks: it then feeds the rank-th share of the rows,
+    # so the global batch holds the same rows in another order, which changes no sum over rows.
+    mine = held[process_index]
+    return groups.index(mine), len(groups)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -146,4 +212,4 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh=mesh))
