@@ -16,14 +16,12 @@ from typing import Any
 
 import numpy as np
 
-_SCAN_CHUNK = 1 << 24  # tokens per step of the eot scan: bounded memory on any corpus
-
 
 class TokenStream:
     """The shards of one split seen as one flat token array.
 
     Stores only paths and lengths, so it pickles cheaply to loader worker processes; each process
-    opens the memmaps (and scans for eot offsets) on first use.
+    opens the memmaps on first use.
     """
 
     def __init__(
@@ -36,7 +34,6 @@ class TokenStream:
             lengths = [os.path.getsize(p) // self.dtype.itemsize for p in self.paths]
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         self._maps: list[np.ndarray] | None = None
-        self._eots: np.ndarray | None = None
 
     @classmethod
     def from_index(cls, directory: str | Path, index: dict[str, Any], split: str) -> TokenStream:
@@ -49,7 +46,7 @@ class TokenStream:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None, "_eots": None}
+        return {**self.__dict__, "_maps": None}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -78,30 +75,14 @@ class TokenStream:
             shard += 1
         return np.asarray(pieces[0]) if len(pieces) == 1 else np.concatenate(pieces)
 
-    def eot_offsets(self) -> np.ndarray:
-        """Sorted stream offsets of every eot token, scanned once per process."""
-        if self._eots is None:
-            found = []
-            for base in range(0, len(self), _SCAN_CHUNK):
-                chunk = self.read(base, min(base + _SCAN_CHUNK, len(self)))
-                found.append(np.flatnonzero(chunk == self.eot_id).astype(np.int64) + base)
-            self._eots = np.concatenate(found) if found else np.zeros(0, np.int64)
-        return self._eots
-
-    def document_start(self, pos: int) -> int:
-        """Stream offset where the document holding token ``pos`` begins (just after the previous eot)."""
-        eots = self.eot_offsets()
-        k = int(np.searchsorted(eots, pos, side="left"))
-        return int(eots[k - 1]) + 1 if k else 0
-
 
 class Windows:
     """The windows of one stream: ``len(windows)`` of them, each a dict of [seq_len] arrays.
 
     ``inputs``/``targets`` int32, ``loss_mask`` float32 (0 on the padding of a final partial
     window), ``segment_ids`` int32 numbering the documents in the window from 1 (0 on padding) and
-    ``positions`` int32 restarting at 0 at each document start. With ``document_masking=False``
-    every window is a single segment with positions 0..T-1, and no eot scan is needed.
+    ``positions`` int32 restarting at 0 at each document start and at the window start. With
+    ``document_masking=False`` every window is a single segment with positions 0..T-1.
     """
 
     def __init__(self, stream: TokenStream, seq_len: int, drop_last: bool, document_masking: bool = True):
@@ -151,10 +132,11 @@ class Windows:
             out["segment_ids"][row, :L] = 1
             out["positions"][row] = np.arange(T, dtype=np.int32)
             return
-        # Position j belongs to the document that starts after the last eot before it; the first
-        # segment may have started in an earlier window, so its start comes from the eot offsets.
+        # Position j counts from the start of its document, or from the window start for a document
+        # that began in an earlier window: the model sees nothing before the window, and positions
+        # stay below seq_len (the rows of a learned position table).
         after_eot = np.flatnonzero(w[: L - 1] == self.stream.eot_id) + 1
-        seg_start = np.full(L, self.stream.document_start(start) - start, np.int64)
+        seg_start = np.zeros(L, np.int64)
         seg_start[after_eot] = after_eot
         np.maximum.accumulate(seg_start, out=seg_start)
         out["positions"][row, :L] = np.arange(L) - seg_start
