@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from jaxlm.config import DataConfig, ModelConfig
 from jaxlm.data import prepare as prepare_mod
-from jaxlm.data.pipeline import ensure_prepared, eval_batches, train_batches, window_order
+from jaxlm.data.pipeline import ensure_prepared, eval_batches, train_batches, unigram_entropy, window_order
 from jaxlm.data.prepare import DataError, prepare, prepare_main, shakespeare_files
 from jaxlm.data.segmenter import TokenStream, Windows
 from jaxlm.data.tokenizer import get_tokenizer
@@ -466,3 +466,9 @@ def test_cli_prepares_and_reports_errors_on_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert "nope.txt" in err[0] and "--input" in err[1]
+
+
+def test_unigram_entropy_is_the_entropy_of_token_frequencies(tmp_path):
+    # "ab" per document: tokens a, b and eot, each a third of the stream -> ln 3 nats
+    data_cfg, index = prepared(tmp_path, ["ab"] * 50)
+    assert unigram_entropy(data_cfg, index) == pytest.approx(np.log(3), rel=1e-9)

@@ -73,6 +73,18 @@ def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict:
     return index
 
 
+def unigram_entropy(data_cfg: DataConfig, index: dict, max_tokens: int = 1 << 26) -> float:
+    """Entropy in nats of the train split's token frequencies (over its first ``max_tokens``): the
+    loss of the best model that ignores context, the bar a language model must clear."""
+    stream = TokenStream.from_index(data_cfg.dir, index, "train")
+    counts = np.zeros(index["vocab_size"], np.int64)
+    n = min(len(stream), max_tokens)
+    for start in range(0, n, 1 << 22):
+        counts += np.bincount(stream.read(start, min(start + (1 << 22), n)), minlength=len(counts))
+    p = counts[counts > 0] / max(n, 1)
+    return float(-(p * np.log(p)).sum())
+
+
 def _seed32(seed: int) -> int:
     # grain reseeds epoch e with seed + e; hashing the user's seed keeps seed 1 from replaying
     # seed 0's epoch 1.
