@@ -209,6 +209,10 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
         f"{jax.device_count()} {jax.default_backend()} device(s) | "
         f"{index['splits']['train']['tokens']:,} train tokens | step {start_step} -> {t.steps}"
     )
+    log.line(
+        f"unigram entropy of the train split: {pipeline.unigram_entropy(cfg.data, index):.3f} nats/token "
+        "(the loss to beat)"
+    )
     for note in notes:
         log.line(note)
     ckpt = checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint, say=log.line)
