@@ -139,6 +139,20 @@ def test_top_p_never_emits_a_token_outside_the_nucleus(top_p, nucleus):
     assert set(_draws(1.0, 0, top_p).tolist()) == nucleus
 
 
+def test_nucleus_is_the_shortest_sorted_prefix_reaching_top_p():
+    """The sort-free bisection against the definition, on random distributions of varied shape."""
+    rng = np.random.default_rng(0)
+    logits_NxV = rng.normal(size=(300, 50)) * rng.uniform(0.1, 5.0, size=(300, 1))
+    top_p_N = rng.uniform(0.01, 1.0, size=300)
+    kept_NxV = np.isfinite(jax.jit(jax.vmap(sampling.nucleus))(logits_NxV.astype(np.float32), top_p_N))
+    for logits_V, top_p, kept_V in zip(logits_NxV, top_p_N, kept_NxV, strict=True):
+        p_V = np.exp(logits_V - logits_V.max())
+        p_V /= p_V.sum()
+        order = np.argsort(-p_V)
+        n = int(np.searchsorted(np.cumsum(p_V[order]), top_p)) + 1  # shortest prefix with mass >= top_p
+        assert set(np.flatnonzero(kept_V)) == set(order[:n].tolist())
+
+
 def test_top_k_then_top_p_and_temperature():
     # top-k 4 renormalises (0.30, 0.25, 0.15, 0.12) / 0.82; the nucleus of 0.6 is then {0, 2}
     assert set(_draws(1.0, 4, 0.6).tolist()) == {0, 2}
