@@ -81,8 +81,7 @@ def load_hf(directory: Path):
         )
     finally:
         logger.removeHandler(handler)
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set(), info
-    assert not info["mismatched_keys"] and not info["error_msgs"], info
+    assert not any(info.values()), info  # missing, unexpected, mismatched keys, errors
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
     return hf_model.eval()
 
