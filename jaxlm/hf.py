@@ -451,7 +451,7 @@ class SafetensorsDir:
             header, start = _read_header(directory / name)
             for key, info in header.items():
                 if info["dtype"] not in _ST_DTYPES:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{directory / name}: tensor {key} has dtype {info['dtype']}; jaxlm reads "
                         f"{sorted(_ST_DTYPES)}"
                     )
@@ -462,7 +462,7 @@ class SafetensorsDir:
         begin, end = info["data_offsets"]
         dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {dtype}")
+            raise ConfigError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} {dtype}")
         return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
 
 
