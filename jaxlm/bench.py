@@ -127,7 +127,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int | Non
             f"train.batch_size={cfg.train.batch_size} / train.micro_batches={cfg.train.micro_batches} must "
             f"be divisible by mesh data x fsdp = {shards}; change the batch size or the mesh"
         )
-    jax.set_mesh(mesh)
+    with jax.set_mesh(mesh):  # scoped: a benchmark must not leave a global mesh behind
+        return _timed_run(cfg, mesh, steps, warmup, matmul_n)
+
+
+def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None) -> dict[str, Any]:
     state_sh = train.state_shardings(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     state = train.create_state(cfg, mesh, state_sh)
