@@ -312,3 +312,27 @@ def test_a_full_disk_fails_one_save_loudly_and_the_run_goes_on(
     assert f"error: checkpoint of step {STEPS + 4}" in log and "No space left on device" in log, log
     # keep=2 counts complete checkpoints only: step 40 survives the failed step 44.
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [STEPS, STEPS + 8]
+
+
+def test_a_write_failing_in_the_background_is_reported_and_keeps_earlier_checkpoints(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    cfg = dataclasses.replace(tiny_cfg, mesh=MeshConfig(data=1))
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, keep=1))
+    mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    directory, errors = tmp_path / "checkpoints", []
+    ckpt = checkpoint.Checkpointer(directory, cfg.checkpoint, say=errors.append)
+    assert ckpt.save(1, _random_state(cfg, mesh, step=1, seed=1), to_dict(cfg)) and ckpt.wait()
+
+    def disk_full(step_dir):  # runs in orbax's background thread, after the arrays are written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir))
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "_file_checksums", disk_full)
+        assert ckpt.save(2, _random_state(cfg, mesh, step=2, seed=2), to_dict(cfg))  # returns at once
+        assert not ckpt.wait()
+    assert len(errors) == 1 and "checkpoint of step 2" in errors[0] and "No space left" in errors[0], errors
+    assert sorted(p.name for p in directory.iterdir()) == ["1"]  # keep=1, yet step 1 stays
+    assert ckpt.save(3, _random_state(cfg, mesh, step=3, seed=3), to_dict(cfg)) and ckpt.wait()
+    ckpt.close()
+    assert sorted(p.name for p in directory.iterdir()) == ["3"]
