@@ -219,7 +219,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
 
     # ---- loop ---------------------------------------------------------------------------------
     batches = pipeline.train_batches(cfg.data, cfg.model, index, t.batch_size, start_step, *data_part)
-    pending = None  # (step, device metrics, dispatch time): read one step late, never waiting
+    pending = None  # (step, device metrics): read one step late, so the device never waits
     last_time = time.perf_counter()
     history: dict[str, float] = {}
     best_val = float("inf")
@@ -281,6 +281,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
             )
     finally:
         stop.restore()
+        batches.close()
         ckpt.close()
         log.close()
 
