@@ -1,8 +1,10 @@
-"""Default experiment: a small GPT-2-style model on Shakespeare's works, GPT-2 BPE tokens.
+"""Default experiment: a small GPT-style model on Shakespeare's works, byte-level tokens.
 
 Run:      jaxlm train experiments/shakespeare.py
-Expect:   about 8 minutes on a 2-core CPU; val loss falls from ~10.8 to ~5.6 nats, well below the
-          corpus's unigram entropy (~7.0 nats per token).
+Expect:   ~6.5 minutes on a 2-core CPU; val loss falls from ~5.6 (ln 257) to ~1.95 nats per byte,
+          far below the corpus's unigram entropy (3.33 nats per byte, printed at the start).
+          GPT-2 BPE instead: --set data.tokenizer=gpt2 data.dir=data_cache/shakespeare-gpt2
+          model.vocab_size=50257 (slower on a CPU: the 50K-way output layer dominates).
 """
 
 from jaxlm.config import CheckpointConfig, Config, DataConfig, OptimConfig, TrainConfig, preset
@@ -11,9 +13,13 @@ from jaxlm.config import CheckpointConfig, Config, DataConfig, OptimConfig, Trai
 def get_config() -> Config:
     return Config(
         name="shakespeare",
-        model=preset("gpt2-124m", seq_len=128, n_layers=4, d_model=256, n_heads=4, d_ff=1024),
-        data=DataConfig(inputs=("shakespeare",), dir="data_cache/shakespeare-gpt2", tokenizer="gpt2"),
-        optim=OptimConfig(lr=2e-3, warmup_steps=30, weight_decay=0.1),
-        train=TrainConfig(steps=400, batch_size=16, log_every=20, eval_every=100, eval_batches=20),
-        checkpoint=CheckpointConfig(every=200, keep=2),
+        model=preset(
+            "gpt2-124m", vocab_size=257, seq_len=128, n_layers=4, d_model=192, n_heads=6, d_ff=768
+        ),
+        data=DataConfig(
+            inputs=("shakespeare",), dir="data_cache/shakespeare-bytes", tokenizer="bytes", val_fraction=0.1
+        ),
+        optim=OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.1),
+        train=TrainConfig(steps=500, batch_size=32, log_every=25, eval_every=100, eval_batches=16),
+        checkpoint=CheckpointConfig(every=250, keep=2),
     )

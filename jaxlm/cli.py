@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jaxlm.config import ConfigError
+from jaxlm.data.prepare import DataError
 
 
 def _train(argv: list[str]) -> int:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

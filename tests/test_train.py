@@ -132,3 +132,21 @@ def test_train_cli_refuses_bad_override(tiny_data, capsys):
         == 2
     )
     assert "batch_size=12" in capsys.readouterr().err
+
+
+def test_train_cli_names_missing_corpus(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "*.txt"
+    rc = cli(
+        [
+            "train",
+            "experiments/tiny.py",
+            "--set",
+            f"data.inputs={missing}",
+            f"data.dir={tmp_path / 'd'}",
+            f"train.run_dir={tmp_path / 'runs'}",
+            "mesh.data=8",
+        ]
+    )
+    assert rc == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing half-prepared left behind
