@@ -13,9 +13,7 @@ from jaxlm.config import CheckpointConfig, Config, DataConfig, OptimConfig, Trai
 def get_config() -> Config:
     return Config(
         name="shakespeare",
-        model=preset(
-            "gpt2-124m", vocab_size=257, seq_len=128, n_layers=4, d_model=192, n_heads=6, d_ff=768
-        ),
+        model=preset("gpt2-124m", vocab_size=257, seq_len=128, n_layers=4, d_model=192, n_heads=6, d_ff=768),
         data=DataConfig(
             inputs=("shakespeare",), dir="data_cache/shakespeare-bytes", tokenizer="bytes", val_fraction=0.1
         ),

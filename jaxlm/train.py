@@ -142,7 +142,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     """
     # ---- processes and mesh -------------------------------------------------------------------
     distributed.initialize(cfg.mesh)
-    t, pid = cfg.train, jax.process_index()
+    t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -151,7 +151,12 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
             f"train.batch_size={t.batch_size} / train.micro_batches={t.micro_batches} must be divisible by "
             f"mesh data x fsdp = {batch_shards}; change the batch size or the mesh"
         )
-    jax.set_mesh(mesh)
+    with jax.set_mesh(mesh):  # scoped: a later run or sampling in this process sees no stale mesh
+        return _run_on_mesh(cfg, mesh, resume)
+
+
+def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> dict[str, Any]:
+    t, pid = cfg.train, jax.process_index()
 
     # ---- data ---------------------------------------------------------------------------------
     index = pipeline.ensure_prepared(cfg.data, cfg.model)

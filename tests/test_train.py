@@ -14,7 +14,6 @@ from jaxlm.optim import lr_schedule
 
 def _one_device_setup(cfg):
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    jax.set_mesh(mesh)
     state_sh = train.state_shardings(cfg, mesh)
     return mesh, state_sh, sharding.batch_sharding(mesh)
 
@@ -103,6 +102,7 @@ def test_train_cli_end_to_end(tiny_data, tmp_path):
         ]
     )
     assert rc == 0
+    assert jax.sharding.get_abstract_mesh().empty  # the run's mesh does not leak into the process
     run = runs / "tiny"
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["steps"] == 30 and config["data"]["dir"] == tiny_data
