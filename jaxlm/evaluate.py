@@ -64,10 +64,7 @@ def evaluate_checkpoint(
     data_part = sharding.process_batch_slice(mesh)
 
     def to_global(local):
-        return {
-            k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0] * data_part[1], *v.shape[1:]))
-            for k, v in local.items()
-        }
+        return sharding.global_batch(local, batch_sh, data_part[1])
 
     with jax.set_mesh(mesh):  # the activation sharding constraints the trainer's eval ran under
         eval_step = train.make_eval_step(cfg, param_sh, batch_sh)

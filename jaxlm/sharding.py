@@ -213,3 +213,12 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh=mesh))
+
+
+def global_batch(local: dict, batch_sh: NamedSharding, row_blocks: int) -> dict[str, jax.Array]:
+    """This process's rows of a batch (one of ``row_blocks`` equal blocks of the global batch, see
+    ``process_batch_slice``) assembled into global arrays sharded by ``batch_sh``."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0] * row_blocks, *v.shape[1:]))
+        for k, v in local.items()
+    }

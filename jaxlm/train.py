@@ -196,10 +196,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     eval_step = make_eval_step(cfg, state_sh["params"], batch_sh)
 
     def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {
-            k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0] * data_part[1], *v.shape[1:]))
-            for k, v in local.items()
-        }
+        return sharding.global_batch(local, batch_sh, data_part[1])
 
     def val_loss(params) -> float:
         batches = pipeline.eval_batches(
