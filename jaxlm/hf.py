@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from jaxlm.config import Config, ConfigError, MeshConfig, ModelConfig
+from jaxlm.metrics import write_json
 
 # ============================================================================================
 # Which transformers architecture represents a model.
@@ -893,7 +894,7 @@ def import_model(
             shutil.rmtree(out, ignore_errors=True)
         raise OSError(f"writing the checkpoint to {out} failed: {' '.join(errors)}")
     if jax.process_index() == 0:
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+        write_json(out / "config.json", to_dict(cfg))  # as jaxlm train writes a run's config.json
         config = pprint.pformat(to_dict(cfg), width=100, sort_dicts=False)
         (out / "experiment.py").write_text(_EXPERIMENT.format(src=src, out=out, config=config))
     return {"config": cfg, "tensors": sum(1 for _ in jax.tree.leaves(params_np))}

@@ -23,6 +23,7 @@ import pytest
 
 from jaxlm import checkpoint, sharding, train
 from jaxlm.config import ConfigError, MeshConfig, apply_overrides, load_config, to_dict
+from jaxlm.report import read_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.py"
@@ -50,18 +51,8 @@ def _cfg(tiny_data: str, run_dir: Path, name: str, **extra):
 
 
 def _losses(run: Path) -> dict[int, float]:
-    """Per-step train loss from the run's TensorBoard files; a later file (a resumed run) wins."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
-
-    out = {}
-    for f in sorted((run / "tb").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
-        acc = EventAccumulator(str(f), size_guidance={"tensors": 0})
-        acc.Reload()
-        if "train/loss" in acc.Tags()["tensors"]:
-            for ev in acc.Tensors("train/loss"):
-                out[ev.step] = float(tensor_util.make_ndarray(ev.tensor_proto))
-    return out
+    """Per-step train loss from the run's TensorBoard events; a resumed run's redone steps win."""
+    return dict(read_curves(run / "tb", ("train/loss",)).get("train/loss", []))
 
 
 def _assert_trees_equal(a, b) -> None:
