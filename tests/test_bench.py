@@ -52,6 +52,30 @@ def test_flop_count_matches_xla_cost_analysis():
     assert 1.0 <= ratio < 1.05, ratio
 
 
+def test_model_matmuls_account_for_every_model_flop():
+    """The matmul shapes behind the 'matmuls alone' ceiling are the FLOP count's matmuls: 3 x their
+    forward FLOPs is 6N + 12LHQT less the norm scales (the only parameters outside a matmul here)."""
+    cfg = preset("tiny", vocab_size=256, vocab_multiple=1, n_kv_heads=2, n_layers=3)
+    rows, T = 4, cfg.seq_len
+
+    def step_flops(cfg, tensor=1):
+        return sum(
+            3 * 2 * b * m * k * n * count for _, b, m, k, n, count in bench.model_matmuls(cfg, rows, tensor)
+        )
+
+    norm_params = (2 * cfg.n_layers + 1) * cfg.d_model
+    assert step_flops(cfg) == (bench.flops_per_token(cfg)["total"] - 6 * norm_params) * rows * T
+    # tensor parallelism splits heads, ffn and vocabulary: each device does half the work
+    assert 2 * step_flops(cfg, tensor=2) == step_flops(cfg)
+    # chunked logits are the same work in pieces
+    assert step_flops(dataclasses.replace(cfg, logits_chunk=32)) == step_flops(cfg)
+    # the padded vocabulary is work the hardware does (the model FLOPs leave it out)
+    padded = dataclasses.replace(cfg, vocab_size=200, vocab_multiple=128)
+    assert step_flops(padded) - step_flops(dataclasses.replace(padded, vocab_multiple=1)) == (
+        3 * 2 * rows * T * cfg.d_model * 56
+    )
+
+
 @pytest.mark.parametrize(
     "kind, peak",
     [
@@ -113,6 +137,11 @@ def test_bench_command_reports_consistent_figures(tmp_path, capsys):
     # ...so the step is measured against a matmul measured on the same device
     assert r["fraction_of_matmul_peak"] == pytest.approx(r["model_tflops_per_device"] / r["matmul"]["tflops"])
     assert r["matmul"] == {"n": 256, "dtype": "bfloat16", "tflops": r["matmul"]["tflops"]}
+    # and against its own matmul shapes timed alone, the ceiling small models are bound by
+    c = r["matmul_ceiling"]
+    assert c["tflops"] > 0 and "matmuls alone" in text
+    assert c["fraction_of_matmul_peak"] == pytest.approx(c["tflops"] / r["matmul"]["tflops"])
+    assert c["step_fraction"] == pytest.approx(r["model_tflops_per_device"] / c["tflops"])
     # memory levers: bf16 compute on fp32 master weights, state updated in place (donated)
     assert r["compute_dtype"] == "bfloat16" and r["param_dtypes"] == ["float32"] and r["donated_state"]
     assert r["peak_memory_gib"] > 0 and abs(r["loss"] - np.log(257)) < 0.5
