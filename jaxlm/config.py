@@ -49,7 +49,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slower)."""
-    attention: Literal["auto", "reference", "xla", "cudnn", "splash"] = "auto"
+    attention: Literal["auto", "reference", "blockwise", "xla", "cudnn", "splash"] = "auto"
     """Attention backend; auto picks the fastest one that supports the request on this device."""
     remat: Literal["none", "full", "save_matmuls"] = "none"
     """Rematerialisation policy of each transformer block."""

@@ -34,8 +34,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> Cache:
 
 
 def _decode_cfg(cfg: ModelConfig) -> ModelConfig:
-    # Cached attention needs an explicit mask, which the fused cuDNN/splash kernels cannot take.
-    return dataclasses.replace(cfg, attention="xla") if cfg.attention in ("cudnn", "splash") else cfg
+    # Cached attention needs an explicit mask, which the cuDNN/splash kernels and the causal-only
+    # blockwise path cannot take.
+    return (
+        dataclasses.replace(cfg, attention="xla")
+        if cfg.attention in ("cudnn", "splash", "blockwise")
+        else cfg
+    )
 
 
 def hidden_cached(

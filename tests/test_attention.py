@@ -20,7 +20,7 @@ def _packed(B=2, T=128, H=4, G=2, K=16, seed=0):
     k = jax.random.normal(kk, (B, T, G, K))
     v = jax.random.normal(kv, (B, T, G, K))
     seg = np.zeros((B, T), np.int32)
-    seg[0, :40], seg[0, 40:90], seg[0, 90:120] = 1, 2, 3  # three documents, then padding
+    seg[0, :40], seg[0, 40:90], seg[0, 90 : T - 8] = 1, 2, 3  # three documents, then padding
     seg[1, :7], seg[1, 7:] = 1, 2
     return q, k, v, jnp.asarray(seg)
 
@@ -33,10 +33,14 @@ def _loss(backend, interpret=False):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
 
-@pytest.mark.parametrize("backend", ["xla", "splash"])
-def test_backends_match_reference_on_packed_gqa_batches(backend):
-    """Outputs and gradients equal the einsum reference; splash runs in the Pallas interpreter."""
-    q, k, v, seg = _packed()
+@pytest.mark.parametrize(
+    "backend, T",
+    [("xla", 128), ("splash", 128), ("blockwise", 128), ("blockwise", 512), ("blockwise", 300)],
+)
+def test_backends_match_reference_on_packed_gqa_batches(backend, T):
+    """Outputs and gradients equal the einsum reference; splash runs in the Pallas interpreter;
+    blockwise in one block, four, and two uneven ones."""
+    q, k, v, seg = _packed(T=T)
     (_, o_ref), g_ref = _loss("reference")(q, k, v, seg)
     (_, o), g = _loss(backend, interpret=backend == "splash")(q, k, v, seg)
     np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-5)
@@ -76,7 +80,7 @@ def test_model_forward_same_for_every_cpu_backend():
     pos = jnp.asarray([list(range(10)) + list(range(22)), list(range(32))])
     forward = jax.jit(model.forward, static_argnums=4)
     ref = forward(params, tokens, pos, seg, cfg)
-    for backend in ("xla", "auto"):
+    for backend in ("xla", "blockwise", "auto"):
         out = forward(params, tokens, pos, seg, dataclasses.replace(cfg, attention=backend))
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
@@ -99,8 +103,9 @@ def test_auto_picks_the_fastest_backend_that_supports_the_request():
     assert _resolve("auto", "tpu", segment_ids=True) == "splash"
     assert _resolve("auto", "tpu", seq_len=1000) == "xla"  # splash tiles in 128s
     assert _resolve("auto", "tpu", custom_mask=True) == "xla"
-    assert _resolve("auto", "cpu", segment_ids=True) == "xla"
-    assert jax.default_backend() == "cpu" and _resolve("auto", None) == "xla"
+    assert _resolve("auto", "cpu", segment_ids=True) == "blockwise"
+    assert _resolve("auto", "cpu", custom_mask=True) == "xla"  # a key/value cache's mask
+    assert jax.default_backend() == "cpu" and _resolve("auto", None) == "blockwise"
 
 
 @pytest.mark.parametrize(
@@ -114,6 +119,7 @@ def test_auto_picks_the_fastest_backend_that_supports_the_request():
         (dict(backend="splash", platform="gpu", segment_ids=True), "needs a TPU"),
         (dict(backend="splash", platform="tpu", seq_len=1000), "divisible by 128"),
         (dict(backend="splash", platform="tpu", custom_mask=True), "explicit attention mask"),
+        (dict(backend="blockwise", platform="cpu", custom_mask=True), "explicit attention mask"),
         (dict(backend="flash", platform="gpu"), "unknown"),
     ],
 )
@@ -130,6 +136,15 @@ def test_cpu_model_refuses_cudnn_and_splash_with_a_config_error():
     for backend in ("cudnn", "splash"):
         with pytest.raises(ConfigError, match=f"model.attention='{backend}'"):
             model.forward(params, tokens, pos, None, dataclasses.replace(cfg, attention=backend))
+
+
+def test_causal_blocks_tile_the_sequence_in_at_most_eight_blocks():
+    for T in (32, 128, 300, 1024, 8192):
+        blocks = attention.causal_blocks(T)
+        assert blocks[0][0] == 0 and blocks[-1][1] == T and len(blocks) <= 8
+        assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))
+        assert min(e - s for s, e in blocks) >= min(T, 128) or len(blocks) == 1
+    assert attention.causal_blocks(1024) == [(i * 128, (i + 1) * 128) for i in range(8)]
 
 
 def test_splash_block_sizes_tile_the_sequence():
