@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import model, sharding, train
-from jaxlm.config import Config, ConfigError, ModelConfig
+from jaxlm.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched as substrings of device_kind, first
 # match wins (so "H100 PCIe" is tried before "H100", "v5 lite" before "v5").
@@ -260,6 +260,82 @@ def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None)
     }
 
 
+# Largest error, relative to the largest reference value, that counts as agreement.
+PARITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+
+def attention_parity(cfg: ModelConfig, rows: int = 2, repeats: int = 5) -> list[dict[str, Any]]:
+    """Every attention backend against the float32 reference on this device, at the model's heads,
+    head dim, sequence length and compute dtype: causal batches, and packed ones (segment ids).
+
+    For each backend and batch kind: the largest error of the output and of dq, dk, dv, relative to
+    the largest reference value, whether that is within ``PARITY_TOLERANCE``, and the forward +
+    backward time. A backend this device or dtype cannot run, or that cannot honour the request,
+    is listed with the reason it was refused. This is how the GPU/TPU-only kernels (cudnn, splash)
+    are checked where they exist; on a CPU it checks reference, blockwise and xla.
+    """
+    from jaxlm.attention import BACKENDS, attend, resolve_backend
+
+    T, H, G, K = cfg.seq_len, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    dtype = model.compute_dtype(cfg)
+    kq, kk, kv, kg = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(kq, (rows, T, H, K), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (rows, T, G, K), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (rows, T, G, K), jnp.float32).astype(dtype)
+    cotangent = jax.random.normal(kg, (rows, T, H, K), jnp.float32)
+    packed = synthetic_batch(
+        Config(model=cfg, train=TrainConfig(batch_size=rows), data=DataConfig(document_masking=True)),
+        np.random.default_rng(0),
+    )["segment_ids"]
+    tol = PARITY_TOLERANCE[jnp.dtype(dtype).name]
+
+    def fwd_bwd(backend, seg, compute):
+        def f(q, k, v):
+            o = attend(
+                q.astype(compute), k.astype(compute), v.astype(compute), backend=backend, segment_ids_BxT=seg
+            )
+            return o.astype(jnp.float32)
+
+        def run(q, k, v):
+            o, pullback = jax.vjp(f, q, k, v)
+            return (o, *pullback(cotangent))
+
+        return jax.jit(run)
+
+    results = []
+    for kind, seg in (("causal", None), ("packed", jnp.asarray(packed))):
+        want = fwd_bwd("reference", seg, jnp.float32)(q, k, v)
+        for backend in BACKENDS:
+            row: dict[str, Any] = {"backend": backend, "batch": kind, "dtype": jnp.dtype(dtype).name}
+            try:
+                resolve_backend(backend, segment_ids=seg is not None, dtype=dtype, seq_len=T)
+            except ConfigError as e:
+                results.append(row | {"refused": str(e)})
+                continue
+            f = fwd_bwd(backend, seg, dtype)
+            got = f(q, k, v)
+            errors = {
+                name: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+                for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True)
+            }
+            seconds = _best_seconds(f, q, k, v, repeats=repeats)
+            results.append(row | {"errors": errors, "ok": max(errors.values()) <= tol, "ms": 1e3 * seconds})
+    return results
+
+
+def parity_report(results: list[dict[str, Any]]) -> str:
+    lines = ["attention backends against the float32 reference (error: max |diff| / max |reference|)"]
+    for r in results:
+        head = f"  {r['backend']:<10} {r['batch']:<7} {r['dtype']:<9}"
+        if "refused" in r:
+            lines.append(f"{head} refused: {r['refused']}")
+            continue
+        e = r["errors"]
+        errs = "  ".join(f"{k} {v:.1e}" for k, v in e.items())
+        lines.append(f"{head} {'ok  ' if r['ok'] else 'FAIL'} {errs}  fwd+bwd {r['ms']:.2f} ms")
+    return "\n".join(lines)
+
+
 def report(r: dict[str, Any]) -> str:
     s, c = r["step_s"], r["matmul_ceiling"]
     mfu = (
@@ -299,12 +375,23 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
     p.add_argument("--matmul-n", type=int, default=None, help="size of the peak matmul (2048 CPU, else 8192)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON here")
+    p.add_argument(
+        "--attention-parity",
+        action="store_true",
+        help="instead of the step: check every attention backend on this device against the reference "
+        "at the experiment's shapes and dtype (exit 1 if one disagrees)",
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.experiment, args.set)
-    r = run_bench(cfg, args.steps, args.warmup, args.matmul_n)
-    print(report(r))
+    if args.attention_parity:
+        r: Any = attention_parity(cfg.model)
+        print(parity_report(r))
+        code = 0 if all(x.get("ok", True) for x in r) else 1
+    else:
+        r, code = run_bench(cfg, args.steps, args.warmup, args.matmul_n), 0
+        print(report(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
     sys.stdout.flush()
-    return 0
+    return code

@@ -167,3 +167,32 @@ def test_layer_scan_keeps_the_program_size_independent_of_depth():
         f = jax.jit(jax.grad(lambda p, b, cfg=cfg: model.loss_sums(p, b, cfg, False)[0]))
         sizes.append(len(f.lower(params, batch).as_text()))
     assert abs(sizes[1] - sizes[0]) < 0.01 * sizes[0], sizes
+
+
+def test_attention_parity_command_checks_every_backend_this_device_runs(tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    rc = cli.main(["bench", "experiments/tiny.py", "--attention-parity", "--json", str(out)])
+    assert rc == 0
+    rows = {(r["backend"], r["batch"]): r for r in json.loads(out.read_text())}
+    for backend in ("reference", "blockwise", "xla"):  # what a CPU runs, causal and packed
+        for batch in ("causal", "packed"):
+            r = rows[backend, batch]
+            assert r["ok"] and max(r["errors"].values()) <= 1e-4 and r["ms"] > 0
+    # the accelerator kernels are listed with the reason they did not run here, not dropped
+    assert "needs a GPU" in rows["cudnn", "causal"]["refused"]
+    assert "needs a TPU" in rows["splash", "packed"]["refused"]
+    assert "FAIL" not in capsys.readouterr().out
+
+
+def test_attention_parity_fails_a_backend_that_drops_the_document_mask(monkeypatch, capsys):
+    """A blockwise that ignored segment ids would agree on causal batches and must fail on packed ones."""
+    from jaxlm import attention
+
+    original = attention._blockwise
+    monkeypatch.setattr(attention, "_blockwise", lambda q, k, v, seg: original(q, k, v, None))
+    rc = cli.main(["bench", "experiments/tiny.py", "--attention-parity"])
+    text = capsys.readouterr().out
+    assert rc == 1
+    lines = {tuple(line.split()[:2]): line for line in text.splitlines()[1:]}
+    assert " ok " in lines["blockwise", "causal"] and "FAIL" in lines["blockwise", "packed"]
+    assert " ok " in lines["xla", "packed"]
