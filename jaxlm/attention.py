@@ -23,6 +23,8 @@ import numpy as np
 from jaxlm.config import ConfigError
 
 BACKENDS = ("reference", "blockwise", "xla", "cudnn", "splash")
+# Backends that cannot apply an explicit [B, T, S] mask (a key/value cache needs one).
+NO_EXPLICIT_MASK = ("blockwise", "cudnn", "splash")
 SPLASH_BLOCK = 128  # the splash kernel tiles T and S in blocks of (a multiple of) this
 
 
@@ -72,15 +74,10 @@ def resolve_backend(
                 f"model.attention={backend!r} needs a {need.upper()}, but this run is on {platform!r}; "
                 "use model.attention=auto or xla"
             )
-        if custom_mask:
-            raise ConfigError(
-                f"model.attention={backend!r} cannot apply an explicit attention mask (as used with a "
-                "key/value cache); use model.attention=auto or xla"
-            )
-    if backend == "blockwise" and custom_mask:
+    if backend in NO_EXPLICIT_MASK and custom_mask:
         raise ConfigError(
-            "model.attention='blockwise' computes causal self-attention only and cannot apply an explicit "
-            "attention mask (as used with a key/value cache); use model.attention=auto or xla"
+            f"model.attention={backend!r} cannot apply an explicit attention mask (as used with a "
+            "key/value cache); use model.attention=auto or xla"
         )
     if backend == "cudnn":
         if segment_ids:

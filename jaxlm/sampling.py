@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import model
+from jaxlm.attention import NO_EXPLICIT_MASK
 from jaxlm.config import ConfigError, ModelConfig
 
 Cache = dict[str, jax.Array]  # {"k": [L, B, S, G, K], "v": [L, B, S, G, K]}
@@ -34,13 +35,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> Cache:
 
 
 def _decode_cfg(cfg: ModelConfig) -> ModelConfig:
-    # Cached attention needs an explicit mask, which the cuDNN/splash kernels and the causal-only
-    # blockwise path cannot take.
-    return (
-        dataclasses.replace(cfg, attention="xla")
-        if cfg.attention in ("cudnn", "splash", "blockwise")
-        else cfg
-    )
+    # Cached attention needs an explicit mask, which some backends cannot take.
+    return dataclasses.replace(cfg, attention="xla") if cfg.attention in NO_EXPLICIT_MASK else cfg
 
 
 def hidden_cached(
