@@ -175,12 +175,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int | Non
         raise ConfigError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (cfg.train.batch_size // cfg.train.micro_batches) % shards:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} / train.micro_batches={cfg.train.micro_batches} must "
-            f"be divisible by mesh data x fsdp = {shards}; change the batch size or the mesh"
-        )
+    sharding.micro_batch_rows(cfg.train, mesh)  # refuses a batch the mesh cannot split evenly
     with jax.set_mesh(mesh):  # scoped: a benchmark must not leave a global mesh behind
         return _timed_run(cfg, mesh, steps, warmup, matmul_n)
 
@@ -222,7 +217,7 @@ def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None)
     peak = peak_tflops(dev.device_kind)
     n = matmul_n or (2048 if dev.platform == "cpu" else 8192)
     measured = matmul_tflops(n, cdtype)
-    rows = cfg.train.batch_size // cfg.train.micro_batches // (mesh.shape["data"] * mesh.shape["fsdp"])
+    rows = sharding.micro_batch_rows(cfg.train, mesh)
     ceiling = matmul_ceiling(cfg.model, rows, mesh.shape["tensor"], cdtype, measured)
     mem_gib, mem_kind = peak_memory()
     return {

@@ -52,7 +52,7 @@ def evaluate_checkpoint(
     n_batches = cfg.train.eval_batches if batches is None else batches
     if n_batches < 0:
         raise ConfigError(f"--batches={n_batches} must be >= 0 (0 evaluates the whole split)")
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     if global_batch < 1 or global_batch % shards:
         raise ConfigError(
             f"--batch-size={global_batch} must be a positive multiple of the {shards} devices; "

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.config import ConfigError, MeshConfig, ModelConfig
+from jaxlm.config import ConfigError, MeshConfig, ModelConfig, TrainConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -165,6 +165,22 @@ def shardings(mesh: Mesh, axes_tree, shapes_tree=None):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: rows split over data x fsdp (replicated over tensor)."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh=mesh))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split: the product of the mesh axes the ``batch`` rule names."""
+    return math.prod(mesh.shape[axis] for axis in RULES["batch"])
+
+
+def micro_batch_rows(train: TrainConfig, mesh: Mesh) -> int:
+    """Rows of one micro-batch on one device; a batch the mesh cannot split evenly is refused."""
+    shards = batch_shards(mesh)
+    if (train.batch_size // train.micro_batches) % shards:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} / train.micro_batches={train.micro_batches} must be "
+            f"divisible by mesh data x fsdp = {shards}; change the batch size or the mesh"
+        )
+    return train.batch_size // train.micro_batches // shards
 
 
 def process_batch_slice(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:

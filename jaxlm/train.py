@@ -145,12 +145,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, mesh)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (t.batch_size // t.micro_batches) % batch_shards:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} / train.micro_batches={t.micro_batches} must be divisible by "
-            f"mesh data x fsdp = {batch_shards}; change the batch size or the mesh"
-        )
+    sharding.micro_batch_rows(t, mesh)  # refuses a batch the mesh cannot split evenly
     with jax.set_mesh(mesh):  # scoped: a later run or sampling in this process sees no stale mesh
         return _run_on_mesh(cfg, mesh, resume)
 
@@ -220,7 +215,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     ckpt = checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint, say=log.line)
 
     # ---- loop ---------------------------------------------------------------------------------
-    batches = pipeline.train_batches(cfg.data, cfg.model, index, t.batch_size, start_step, *data_part)
+    batches = pipeline.Loader(cfg.data, cfg.model, index, t.batch_size, start_step, *data_part)
     pending = None  # (step, device metrics): read one step late, so the device never waits
     last_time = time.perf_counter()
     history: dict[str, float] = {}
