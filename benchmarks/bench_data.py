@@ -54,12 +54,12 @@ def bench_prepare(inputs: list[str], out: Path, workers: int, label: str) -> Pat
 def bench_loader(directory: Path, seconds: float, label: str, **data_overrides) -> None:
     # Imported here so prepare's spawned workers, which re-import this script, do not load grain.
     from jaxlm.config import DataConfig, ModelConfig
-    from jaxlm.data.pipeline import ensure_prepared, train_batches
+    from jaxlm.data.pipeline import Loader, ensure_prepared
 
     data_cfg = DataConfig(dir=str(directory), tokenizer="gpt2", shuffle=True, **data_overrides)
     model_cfg = ModelConfig()  # GPT-2 124M: seq_len 1024
     index = ensure_prepared(data_cfg, model_cfg)
-    batches = train_batches(data_cfg, model_cfg, index, global_batch=32, start_step=0)
+    batches = Loader(data_cfg, model_cfg, index, global_batch=32, start_step=0)
     next(batches)  # start-up (worker processes, eot scan) is not throughput
     t0, c0, n = time.perf_counter(), cpu_seconds(), 0
     while time.perf_counter() - t0 < seconds:

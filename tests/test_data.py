@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from jaxlm.config import DataConfig, ModelConfig
 from jaxlm.data import prepare as prepare_mod
-from jaxlm.data.pipeline import ensure_prepared, eval_batches, train_batches, unigram_entropy, window_order
+from jaxlm.data.pipeline import Loader, ensure_prepared, eval_batches, unigram_entropy, window_order
 from jaxlm.data.prepare import DataError, prepare, prepare_main, shakespeare_files
 from jaxlm.data.segmenter import TokenStream, Windows
 from jaxlm.data.tokenizer import get_tokenizer
@@ -170,22 +170,22 @@ def test_token_stream_pickles_only_paths(tmp_path):
 
 def test_process_slices_partition_the_global_batch(tmp_path):
     data_cfg, index = prepared(tmp_path, random_texts(40), document_masking=True)
-    full = take(train_batches(data_cfg, TINY, index, 8, 0), 5)
+    full = take(Loader(data_cfg, TINY, index, 8, 0), 5)
     for count in (2, 4):
-        parts = [take(train_batches(data_cfg, TINY, index, 8, 0, p, count), 5) for p in range(count)]
+        parts = [take(Loader(data_cfg, TINY, index, 8, 0, p, count), 5) for p in range(count)]
         for step in range(5):
             for key in full[step]:
                 joined = np.concatenate([parts[p][step][key] for p in range(count)])
                 assert joined.shape == (8, TINY.seq_len)
                 np.testing.assert_array_equal(joined, full[step][key])
     with pytest.raises(DataError, match="not divisible"):
-        train_batches(data_cfg, TINY, index, 6, 0, 0, 4)
+        Loader(data_cfg, TINY, index, 6, 0, 0, 4)
 
 
 def test_resume_yields_the_batches_an_uninterrupted_run_would(tmp_path):
     data_cfg, index = prepared(tmp_path, random_texts(30))
-    uninterrupted = take(train_batches(data_cfg, TINY, index, 4, 0), 12)
-    resumed = take(train_batches(dataclasses.replace(data_cfg, prefetch=0), TINY, index, 4, 7), 5)
+    uninterrupted = take(Loader(data_cfg, TINY, index, 4, 0), 12)
+    resumed = take(Loader(dataclasses.replace(data_cfg, prefetch=0), TINY, index, 4, 7), 5)
     for a, b in zip(uninterrupted[7:], resumed, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
@@ -211,7 +211,7 @@ def test_shuffle_differs_per_epoch_and_is_reproducible_from_the_seed(tmp_path):
     assert len(windows) % batch  # so some batch holds the end of one epoch and the start of the next
     order = window_order(len(windows), data_cfg.seed, True)
     steps = -(-len(windows) // batch) + 1
-    for step, got in enumerate(take(train_batches(data_cfg, TINY, index, batch, 0), steps)):
+    for step, got in enumerate(take(Loader(data_cfg, TINY, index, batch, 0), steps)):
         want = windows.batch([order[g] for g in range(step * batch, (step + 1) * batch)])
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
@@ -219,8 +219,8 @@ def test_shuffle_differs_per_epoch_and_is_reproducible_from_the_seed(tmp_path):
 
 def test_worker_processes_give_the_same_batches(tmp_path):
     data_cfg, index = prepared(tmp_path, random_texts(20))
-    in_process = take(train_batches(data_cfg, TINY, index, 4, 3), 4)
-    workers = take(train_batches(dataclasses.replace(data_cfg, workers=1), TINY, index, 4, 3), 4)
+    in_process = take(Loader(data_cfg, TINY, index, 4, 3), 4)
+    workers = take(Loader(dataclasses.replace(data_cfg, workers=1), TINY, index, 4, 3), 4)
     for a, b in zip(in_process, workers, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])

@@ -187,19 +187,6 @@ class Loader:
             close()
 
 
-def train_batches(
-    data_cfg: DataConfig,
-    model_cfg: ModelConfig,
-    index: dict,
-    global_batch: int,
-    start_step: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of steps start_step, start_step+1, ... for this process (see ``Loader``)."""
-    return Loader(data_cfg, model_cfg, index, global_batch, start_step, process_index, process_count)
-
-
 def eval_batches(
     data_cfg: DataConfig,
     model_cfg: ModelConfig,
