@@ -28,27 +28,25 @@ Params = dict[str, Any]
 
 @dataclass(frozen=True)
 class Weight:
-    """One weight: its shape, logical axes (one per dimension) and initializer."""
+    """One weight: its shape, logical axes (one per dimension), whether AdamW decays it, and its
+    initializer. ``decay`` is said on every weight, never inferred from the shape: a per-head bias
+    [L, H, K] has as many dimensions as a matrix but must not shrink towards zero."""
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
+    decay: bool
     init: str = "normal"  # normal | zeros | ones
     std: float = 0.0
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
 
-    @property
-    def decays(self) -> bool:
-        """AdamW decays matrices only: norms and biases have one non-layer dimension."""
-        return sum(a != "layers" for a in self.axes) >= 2
-
 
 def _norm_decl(cfg: ModelConfig, stacked: bool) -> dict[str, Weight]:
     lead, lead_axes = ((cfg.n_layers,), ("layers",)) if stacked else ((), ())
-    decl = {"scale": Weight(lead + (cfg.d_model,), lead_axes + ("embed",), "ones")}
+    decl = {"scale": Weight(lead + (cfg.d_model,), lead_axes + ("embed",), False, "ones")}
     if cfg.norm == "layernorm":
-        decl["bias"] = Weight(lead + (cfg.d_model,), lead_axes + ("embed",), "zeros")
+        decl["bias"] = Weight(lead + (cfg.d_model,), lead_axes + ("embed",), False, "zeros")
     return decl
 
 
@@ -66,32 +64,32 @@ def param_decls(cfg: ModelConfig) -> Params:
     std = cfg.init_std
     out_std = std / math.sqrt(2 * L)  # GPT-2: residual projections scaled by depth
     attn = {
-        "q": Weight((L, D, H, K), ("layers", "embed", "heads", "head_dim"), std=std),
-        "k": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), std=std),
-        "v": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), std=std),
-        "o": Weight((L, H, K, D), ("layers", "heads", "head_dim", "embed"), std=out_std),
+        "q": Weight((L, D, H, K), ("layers", "embed", "heads", "head_dim"), True, std=std),
+        "k": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), True, std=std),
+        "v": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), True, std=std),
+        "o": Weight((L, H, K, D), ("layers", "heads", "head_dim", "embed"), True, std=out_std),
     }
     mlp = {
-        "up": Weight((L, D, F), ("layers", "embed", "mlp"), std=std),
-        "down": Weight((L, F, D), ("layers", "mlp", "embed"), std=out_std),
+        "up": Weight((L, D, F), ("layers", "embed", "mlp"), True, std=std),
+        "down": Weight((L, F, D), ("layers", "mlp", "embed"), True, std=out_std),
     }
     if cfg.mlp == "swiglu":
-        mlp["gate"] = Weight((L, D, F), ("layers", "embed", "mlp"), std=std)
+        mlp["gate"] = Weight((L, D, F), ("layers", "embed", "mlp"), True, std=std)
     if cfg.use_bias:
         attn |= {
-            "q_bias": Weight((L, H, K), ("layers", "heads", "head_dim"), "zeros"),
-            "k_bias": Weight((L, G, K), ("layers", "kv_heads", "head_dim"), "zeros"),
-            "v_bias": Weight((L, G, K), ("layers", "kv_heads", "head_dim"), "zeros"),
-            "o_bias": Weight((L, D), ("layers", "embed"), "zeros"),
+            "q_bias": Weight((L, H, K), ("layers", "heads", "head_dim"), False, "zeros"),
+            "k_bias": Weight((L, G, K), ("layers", "kv_heads", "head_dim"), False, "zeros"),
+            "v_bias": Weight((L, G, K), ("layers", "kv_heads", "head_dim"), False, "zeros"),
+            "o_bias": Weight((L, D), ("layers", "embed"), False, "zeros"),
         }
         mlp |= {
-            "up_bias": Weight((L, F), ("layers", "mlp"), "zeros"),
-            "down_bias": Weight((L, D), ("layers", "embed"), "zeros"),
+            "up_bias": Weight((L, F), ("layers", "mlp"), False, "zeros"),
+            "down_bias": Weight((L, D), ("layers", "embed"), False, "zeros"),
         }
         if cfg.mlp == "swiglu":
-            mlp["gate_bias"] = Weight((L, F), ("layers", "mlp"), "zeros")
+            mlp["gate_bias"] = Weight((L, F), ("layers", "mlp"), False, "zeros")
     decls: Params = {
-        "embed": Weight((V, D), ("vocab", "embed"), std=std),
+        "embed": Weight((V, D), ("vocab", "embed"), True, std=std),
         "blocks": {
             "attn_norm": _norm_decl(cfg, stacked=True),
             "attn": attn,
@@ -101,9 +99,9 @@ def param_decls(cfg: ModelConfig) -> Params:
         "final_norm": _norm_decl(cfg, stacked=False),
     }
     if cfg.positions == "learned":
-        decls["pos_embed"] = Weight((cfg.seq_len, D), ("positions", "embed"), std=std / 2)
+        decls["pos_embed"] = Weight((cfg.seq_len, D), ("positions", "embed"), True, std=std / 2)
     if not cfg.tie_embeddings:
-        decls["unembed"] = Weight((D, V), ("embed", "vocab"), std=std)
+        decls["unembed"] = Weight((D, V), ("embed", "vocab"), True, std=std)
     return decls
 
 
@@ -116,7 +114,7 @@ def logical_axes(cfg: ModelConfig) -> Params:
 
 
 def decay_mask(cfg: ModelConfig) -> Params:
-    return jax.tree.map(lambda w: w.decays, param_decls(cfg), is_leaf=_is_weight)
+    return jax.tree.map(lambda w: w.decay, param_decls(cfg), is_leaf=_is_weight)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:

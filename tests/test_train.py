@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxlm import model, sharding, train
 from jaxlm.cli import main as cli
@@ -60,20 +61,33 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_cfg):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p4)
 
 
-def test_weight_decay_skips_norms_and_biases(tiny_cfg):
+def test_weight_decay_shrinks_exactly_the_matrices(tiny_cfg):
+    """Non-zero params, zero gradients: Adam's step is 0, so only the decoupled decay moves a weight,
+    by exactly -lr * weight_decay * w. Biases (q/k/v biases are [L, H, K], as many dims as a matrix),
+    norm scales and norm biases must not move."""
     cfg = dataclasses.replace(
         tiny_cfg,
-        model=dataclasses.replace(tiny_cfg.model, use_bias=True, norm="layernorm"),
+        model=dataclasses.replace(
+            tiny_cfg.model, use_bias=True, norm="layernorm", mlp="swiglu", positions="learned"
+        ),
         optim=OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=0.0),
     )
-    params = model.init_params(cfg.model, jax.random.key(0))
+    # + 0.5: zero-initialised biases would hide a decay
+    params = jax.tree.map(lambda w: w + 0.5, model.init_params(cfg.model, jax.random.key(0)))
     tx = train.make_tx(cfg)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)  # zero grad: only decay moves weights
-    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
-    assert moved["embed"] and moved["blocks"]["attn"]["q"] and moved["blocks"]["mlp"]["down"]
-    assert not moved["blocks"]["attn_norm"]["scale"] and not moved["blocks"]["attn_norm"]["bias"]
-    assert not moved["blocks"]["attn"]["q_bias"] and not moved["final_norm"]["scale"]
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    flat_updates = traverse_util.flatten_dict(updates, sep="/")
+    flat_params = traverse_util.flatten_dict(params, sep="/")
+    moved = {path for path, u in flat_updates.items() if np.any(np.asarray(u) != 0)}
+    matrices = {"embed", "pos_embed"} | {f"blocks/attn/{n}" for n in "qkvo"}
+    matrices |= {f"blocks/mlp/{n}" for n in ("up", "gate", "down")}
+    assert moved == matrices
+    lr = float(lr_schedule(cfg.optim, cfg.train.steps)(0))
+    for path in matrices:
+        u, w = flat_updates[path], flat_params[path]
+        # -lr * wd * w is two float32 products: within a few ulps of w's magnitude
+        np.testing.assert_allclose(u, -lr * 0.5 * w, rtol=4 * np.finfo(np.float32).eps)
 
 
 def test_lr_schedule_warmup_then_cosine():
