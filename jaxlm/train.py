@@ -153,17 +153,8 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
 def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> dict[str, Any]:
     t, pid = cfg.train, jax.process_index()
 
-    # ---- data ---------------------------------------------------------------------------------
-    index = pipeline.ensure_prepared(cfg.data, cfg.model)
-
-    # ---- run directory, state, restore --------------------------------------------------------
+    # ---- what the run directory already holds -------------------------------------------------
     run_path = cfg.run_path
-    run_path.mkdir(parents=True, exist_ok=True)
-    state_sh = state_shardings(cfg, mesh)
-    batch_sh = sharding.batch_sharding(mesh)
-    # This process loads the rows its devices hold; processes sharing rows (tensor parallelism
-    # across hosts) load the same ones.
-    data_part = sharding.process_batch_slice(mesh)  # (index, count) of this process's rows
     ckpt_dir = run_path / "checkpoints"
     saved = checkpoint.complete_steps(ckpt_dir)
     if resume is True and not saved:
@@ -172,6 +163,27 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         raise ConfigError(
             f"{run_path} already holds checkpoints up to step {saved[-1]}; resume it, or pick another name"
         )
+    if saved and saved[-1] >= t.steps:
+        # Nothing to train: the run's record (config, summary, events, log) stays exactly as it is.
+        if pid == 0:
+            print(
+                f"{run_path} already has a checkpoint at step {saved[-1]} >= train.steps={t.steps}; nothing "
+                f"to train. Raise train.steps (e.g. --set train.steps={saved[-1] + t.steps}) to continue, "
+                "or give the run another name (--set name=NEW) to start fresh",
+                flush=True,
+            )
+        return {"status": "nothing to train", "step": saved[-1]}
+
+    # ---- data ---------------------------------------------------------------------------------
+    index = pipeline.ensure_prepared(cfg.data, cfg.model)
+
+    # ---- run directory, state, restore --------------------------------------------------------
+    run_path.mkdir(parents=True, exist_ok=True)
+    state_sh = state_shardings(cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    # This process loads the rows its devices hold; processes sharing rows (tensor parallelism
+    # across hosts) load the same ones.
+    data_part = sharding.process_batch_slice(mesh)  # (index, count) of this process's rows
     config_dict = to_dict(cfg)
     notes: list[str] = []  # what the restore had to say, logged once the log is open
     if saved:

@@ -99,7 +99,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert float(s(110)) == pytest.approx(0.1) and float(s(500)) == pytest.approx(0.1)
 
 
-def test_train_cli_end_to_end(tiny_data, tmp_path):
+def test_train_cli_end_to_end(tiny_data, tmp_path, capsys):
     """`jaxlm train` writes a self-describing run directory and the validation loss falls."""
     runs = tmp_path / "runs"
     rc = cli(
@@ -127,6 +127,18 @@ def test_train_cli_end_to_end(tiny_data, tmp_path):
     assert summary["val_loss"] < np.log(257) - 1.0, summary  # well below a uniform guess
     log = (run / "log.txt").read_text()
     assert "step     30" in log and "val loss" in log
+
+    # A rerun with fewer steps trains nothing, says so in one line, and rewrites nothing.
+    def tree(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = tree(run)
+    capsys.readouterr()
+    rerun = ["train", "experiments/tiny.py", "--set", f"data.dir={tiny_data}", f"train.run_dir={runs}"]
+    assert cli([*rerun, "train.steps=20", "mesh.data=8"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "step 30 >= train.steps=20" in out[0] and "train.steps" in out[0], out
+    assert tree(run) == before
 
 
 def test_train_cli_refuses_bad_override(tiny_data, capsys):
