@@ -11,7 +11,10 @@ def get_config() -> Config:
     return Config(
         name="tiny",
         model=preset("tiny", vocab_size=257),
-        data=DataConfig(inputs=("shakespeare",), dir="data_cache/shakespeare-bytes", tokenizer="bytes"),
+        # the same prepared directory and split as experiments/shakespeare.py
+        data=DataConfig(
+            inputs=("shakespeare",), dir="data_cache/shakespeare-bytes", tokenizer="bytes", val_fraction=0.1
+        ),
         optim=OptimConfig(lr=3e-3, warmup_steps=10),
         train=TrainConfig(steps=100, batch_size=8, log_every=10, eval_every=50, eval_batches=4),
         checkpoint=CheckpointConfig(every=50, keep=2),

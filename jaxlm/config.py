@@ -79,13 +79,17 @@ class DataConfig:
     tokenizer: str = "gpt2"
     """gpt2 | bytes | path to a directory with vocab.bpe + encoder.json."""
     val_fraction: float = 0.05
-    """Fraction of documents held out for validation when preparing."""
+    """Fraction of documents held out for validation when preparing; checked against ``data.dir``."""
+    split_seed: int = 0
+    """Seed of the train/val document split (a hash per document); checked against ``data.dir``."""
     document_masking: bool = False
     """Attention stays inside each document and positions restart at each document."""
-    drop_last: bool = True
-    """Drop the final partial window (True) or pad it with loss mask 0 (False)."""
+    drop_last: bool = False
+    """False: the final partial window of an epoch is padded with loss mask 0, so every train token
+    but the first is a target exactly once per epoch. True drops it (up to seq_len - 1 targets)."""
     shuffle: bool = True
-    seed: int = 0
+    shuffle_seed: int = 0
+    """Seed of the window order (a new permutation each epoch); independent of the split."""
     workers: int = 0
     """Worker processes for the loader; 0 loads in the training process with a prefetch thread."""
     prefetch: int = 4
@@ -488,6 +492,10 @@ def to_json(cfg: Config) -> str:
 
 def from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. a checkpoint's config.json), validated."""
+    if "seed" in d.get("data", {}):  # before split_seed/shuffle_seed, one data.seed served both
+        data = dict(d["data"])
+        seed = data.pop("seed")
+        d = {**d, "data": {"split_seed": seed, "shuffle_seed": seed, **data}}
     unknown = set(d) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"unknown config sections {sorted(unknown)}; valid: {sorted(_SECTIONS)}")

@@ -79,7 +79,7 @@ def prepared(tmp_path: Path, texts: list[str], name: str = "data", **cfg) -> tup
         "bytes",
         data_cfg.dir,
         data_cfg.val_fraction,
-        seed=data_cfg.seed,
+        seed=data_cfg.split_seed,
         workers=0,
         progress=False,
     )
@@ -209,7 +209,7 @@ def test_shuffle_differs_per_epoch_and_is_reproducible_from_the_seed(tmp_path):
     )
     batch = 8
     assert len(windows) % batch  # so some batch holds the end of one epoch and the start of the next
-    order = window_order(len(windows), data_cfg.seed, True)
+    order = window_order(len(windows), data_cfg.shuffle_seed, True)
     steps = -(-len(windows) // batch) + 1
     for step, got in enumerate(take(Loader(data_cfg, TINY, index, batch, 0), steps)):
         want = windows.batch([order[g] for g in range(step * batch, (step + 1) * batch)])
@@ -271,7 +271,7 @@ def split_documents(directory: str, index: dict, split: str) -> list[str]:
 
 def test_val_split_is_disjoint_by_document_and_stable(tmp_path):
     texts = random_texts(80)
-    data_cfg, index = prepared(tmp_path, texts, val_fraction=0.2, seed=5)
+    data_cfg, index = prepared(tmp_path, texts, val_fraction=0.2, split_seed=5)
     train, val = split_documents(data_cfg.dir, index, "train"), split_documents(data_cfg.dir, index, "val")
     assert val and not set(train) & set(val) and sorted(train + val) == sorted(texts)
     assert index["splits"]["val"]["documents"] == len(val) and index["splits"]["train"]["documents"] == len(
@@ -285,7 +285,7 @@ def test_val_split_is_disjoint_by_document_and_stable(tmp_path):
 
 def test_small_corpus_still_gets_one_val_document(tmp_path):
     texts = ["first document " * 5, "second document that ends up held out " * 3]
-    data_cfg, index = prepared(tmp_path, texts, val_fraction=0.01, seed=1)
+    data_cfg, index = prepared(tmp_path, texts, val_fraction=0.01, split_seed=1)
     # Tiny shards so holding out the last document truncates one shard and deletes others.
     index = prepare(
         list(data_cfg.inputs), "bytes", str(tmp_path / "small"), 0.01, seed=1, shard_tokens=16, progress=False
@@ -472,3 +472,52 @@ def test_unigram_entropy_is_the_entropy_of_token_frequencies(tmp_path):
     # "ab" per document: tokens a, b and eot, each a third of the stream -> ln 3 nats
     data_cfg, index = prepared(tmp_path, ["ab"] * 50)
     assert unigram_entropy(data_cfg, index) == pytest.approx(np.log(3), rel=1e-9)
+
+
+def test_ensure_prepared_refuses_another_split_or_other_inputs(tmp_path):
+    """The config's split and inputs are checked against index.json, naming both values and the fix;
+    the shuffle seed is not part of the split."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", random_texts(20))
+    data_cfg = DataConfig(inputs=(str(corpus),), dir=str(tmp_path / "d"), tokenizer="bytes", val_fraction=0.2)
+    index = ensure_prepared(data_cfg, TINY)
+    index_bytes = (Path(data_cfg.dir) / "index.json").read_bytes()
+    with pytest.raises(DataError, match=r"data.val_fraction=0.2 but the config has 0.1; point data.dir"):
+        ensure_prepared(dataclasses.replace(data_cfg, val_fraction=0.1), TINY)
+    with pytest.raises(DataError, match=r"data.split_seed=0 but the config has 3;.*delete"):
+        ensure_prepared(dataclasses.replace(data_cfg, split_seed=3), TINY)
+    other = write_jsonl(tmp_path / "other.jsonl", random_texts(20, seed=1))
+    with pytest.raises(DataError, match=r"prepared from 1 other input.*c.jsonl.*other.jsonl"):
+        ensure_prepared(dataclasses.replace(data_cfg, inputs=(str(other),)), TINY)
+    assert (Path(data_cfg.dir) / "index.json").read_bytes() == index_bytes  # nothing was re-prepared
+
+    # Another shuffle seed: the same split (no error), another window order.
+    reshuffled = dataclasses.replace(data_cfg, shuffle_seed=7)
+    assert ensure_prepared(reshuffled, TINY) == index
+    a, b = (take(Loader(c, TINY, index, 4, 0), 1)[0]["inputs"] for c in (data_cfg, reshuffled))
+    assert not np.array_equal(a, b)
+
+
+def test_default_config_makes_every_train_target_count_once_per_epoch(tmp_path):
+    """The default keeps the final partial window (padded, loss mask 0): one epoch's masked targets
+    are exactly the train stream but its first token."""
+    data_cfg, index = prepared(tmp_path, random_texts(30))
+    assert data_cfg.drop_last == DataConfig().drop_last
+    n_tokens = index["splits"]["train"]["tokens"]
+    assert (n_tokens - 1) % TINY.seq_len, "the corpus must end in a partial window for this test"
+    loader = Loader(dataclasses.replace(data_cfg, shuffle=False), TINY, index, 1, 0)
+    epoch = take(loader, len(loader.windows))
+    stream = np.fromfile(Path(data_cfg.dir) / index["splits"]["train"]["shards"][0]["name"], "<u2")
+    targets = np.concatenate([b["targets"][0][b["loss_mask"][0] > 0] for b in epoch])
+    np.testing.assert_array_equal(targets, stream[1:])
+
+
+def test_shipped_experiments_never_share_a_directory_with_another_split():
+    """Two experiments on one data.dir must ask for the same prepared data, or the second run's
+    config.json would record a split it did not get (ensure_prepared now refuses it)."""
+    from jaxlm.config import load_config
+
+    seen: dict[str, tuple] = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.py")):
+        d = load_config(path).data
+        settings_ = (d.inputs, d.tokenizer, d.val_fraction, d.split_seed)
+        assert seen.setdefault(d.dir, settings_) == settings_, f"{path.name} and another share {d.dir}"

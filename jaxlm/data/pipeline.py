@@ -18,14 +18,23 @@ import grain
 import numpy as np
 
 from jaxlm.config import DataConfig, ModelConfig
-from jaxlm.data.prepare import DataError, prepare, read_index, tokenizer_spec
+from jaxlm.data.prepare import (
+    DataError,
+    describe_inputs,
+    prepare,
+    read_index,
+    resolve_inputs,
+    tokenizer_spec,
+)
 from jaxlm.data.segmenter import TokenStream, Windows
 
 
-def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict:
-    """Prepare ``data_cfg.dir`` from ``data_cfg.inputs`` if it has no index, then check it fits the model.
+def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig, check_split: bool = True) -> dict:
+    """Prepare ``data_cfg.dir`` from ``data_cfg.inputs`` if it has no index, then check it is what the
+    config asks for (inputs, split) and fits the model.
 
-    The checks are cheap (file sizes, no checksums) so every process of a run can afford them.
+    ``check_split=False`` is for evaluating on another prepared directory, whose inputs and split
+    are its own. The checks are cheap (file sizes, no checksums) so every process can afford them.
     """
     directory = Path(data_cfg.dir)
     if not (directory / "index.json").is_file():
@@ -34,7 +43,7 @@ def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict:
             data_cfg.tokenizer,
             str(directory),
             data_cfg.val_fraction,
-            seed=data_cfg.seed,
+            seed=data_cfg.split_seed,
         )
     index = read_index(directory)
     if index is None:
@@ -46,6 +55,8 @@ def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict:
             f"{directory} was prepared with tokenizer {index['tokenizer']!r} but data.tokenizer is "
             f"{wanted!r}; {fix}"
         )
+    if check_split:
+        check_split_settings(data_cfg, index)
     if index["vocab_size"] > model_cfg.vocab_size:
         raise DataError(
             f"{directory} holds token ids up to {index['vocab_size'] - 1} (tokenizer vocab_size "
@@ -71,6 +82,43 @@ def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict:
             f"seq_len+1={model_cfg.seq_len + 1}; use a larger corpus or a smaller model.seq_len"
         )
     return index
+
+
+def check_split_settings(data_cfg: DataConfig, index: dict) -> None:
+    """Refuse prepared data whose inputs or train/val split differ from the config's: the run's
+    config.json would otherwise record a split it did not get."""
+    directory = data_cfg.dir
+    fix = (
+        f"point data.dir at another directory for these settings, or delete {directory} to prepare it "
+        "again (or set the config to the recorded value)"
+    )
+    for key, recorded, wanted in (
+        ("data.val_fraction", index["val_fraction"], data_cfg.val_fraction),
+        ("data.split_seed", index["seed"], data_cfg.split_seed),
+    ):
+        if recorded != wanted:
+            raise DataError(
+                f"{directory} was prepared with {key}={recorded} but the config has {wanted}; {fix}"
+            )
+    try:
+        wanted_inputs = describe_inputs(resolve_inputs(data_cfg.inputs))
+    except DataError:
+        return  # the raw inputs are not on this machine: the prepared shards are all a run needs
+
+    # Name and size, not the full path: the same corpus under another venv or mount is the same data.
+    def files(described: list[dict]) -> list[tuple[str, int]]:
+        return [(Path(d["path"]).name, d["bytes"]) for d in described]
+
+    if files(index["inputs"]) != files(wanted_inputs):
+        recorded = [d["path"] for d in index["inputs"]]
+        raise DataError(
+            f"{directory} was prepared from {len(recorded)} other input file(s) ({_brief(recorded)}) than "
+            f"data.inputs={list(data_cfg.inputs)} gives ({_brief([d['path'] for d in wanted_inputs])}); {fix}"
+        )
+
+
+def _brief(paths: list[str], n: int = 2) -> str:
+    return ", ".join(paths[:n]) + (f", ... ({len(paths)} files)" if len(paths) > n else "")
 
 
 def unigram_entropy(data_cfg: DataConfig, index: dict, max_tokens: int = 1 << 26) -> float:
@@ -152,7 +200,7 @@ class Loader:
                 f"the train split has {len(stream)} tokens, fewer than one window of seq_len+1="
                 f"{model_cfg.seq_len + 1}"
             )
-        order = window_order(len(self.windows), data_cfg.seed, data_cfg.shuffle)
+        order = window_order(len(self.windows), data_cfg.shuffle_seed, data_cfg.shuffle)
         batch_at = _BatchAt(self.windows, order, global_batch, first_row, rows)
         steps = grain.MapDataset.range(start_step, sys.maxsize).map(batch_at)
         if data_cfg.workers > 0:

@@ -636,7 +636,12 @@ def prepare_main(argv: list[str]) -> int:
         help="fraction of documents held out for validation",
     )
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    parser.add_argument("--seed", type=int, default=default.seed, help="seed of the train/val document split")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=default.split_seed,
+        help="seed of the train/val document split (data.split_seed)",
+    )
     try:
         args = parser.parse_args(argv)
         prepare(args.input, args.tokenizer, args.out, args.val_fraction, seed=args.seed, workers=args.workers)
