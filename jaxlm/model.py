@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,49 +233,45 @@ def mlp(p: Params, x_BxTxD: jax.Array, kind: str) -> jax.Array:
     return y_BxTxD + p["down_bias"] if "down_bias" in p else y_BxTxD
 
 
+class KVCache(NamedTuple):
+    """One layer's key/value cache for decoding: ``S`` slots, the new T keys/values go to slots
+    [start, start + T), and ``mask_BxTxS`` (True = visible) must hide the slots not yet written."""
+
+    k_BxSxGxK: jax.Array
+    v_BxSxGxK: jax.Array
+    start: jax.Array
+    mask_BxTxS: jax.Array
+
+
 def block(
     p: Params,
     x_BxTxD: jax.Array,
     positions_BxT: jax.Array,
-    segment_ids_BxT: jax.Array | None,
     cfg: ModelConfig,
-) -> jax.Array:
-    """One pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    *,
+    segment_ids_BxT: jax.Array | None = None,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """One pre-norm transformer block, x + attn(norm(x)) then x + mlp(norm(x)), for training and
+    decoding alike: with ``cache=None`` the T positions attend to each other (causal, within their
+    segment when ``segment_ids`` are given); with a cache they attend over the cache after writing
+    their own keys/values into it. Returns (x, the updated cache or None)."""
     with jax.named_scope("attention"):
         h = norm(p["attn_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
         q, k, v = qkv(p["attn"], h, positions_BxT, cfg)
-        o_BxTxHxK = attend(q, k, v, backend=cfg.attention, segment_ids_BxT=segment_ids_BxT)
+        if cache is None:
+            o_BxTxHxK = attend(q, k, v, backend=cfg.attention, segment_ids_BxT=segment_ids_BxT)
+        else:
+            write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache.start, 1)
+            cache = cache._replace(k_BxSxGxK=write(cache.k_BxSxGxK, k), v_BxSxGxK=write(cache.v_BxSxGxK, v))
+            o_BxTxHxK = attend(q, cache.k_BxSxGxK, cache.v_BxSxGxK, cache.mask_BxTxS, cfg.attention)
         x_BxTxD = x_BxTxD + attn_out(p["attn"], o_BxTxHxK)
     with jax.named_scope("mlp"):
         h = norm(p["mlp_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
         x_BxTxD = x_BxTxD + mlp(p["mlp"], h, cfg.mlp)
-    return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
-
-
-def block_cached(
-    p: Params,
-    x_BxTxD: jax.Array,
-    positions_BxT: jax.Array,
-    mask_BxTxS: jax.Array,
-    k_BxSxGxK: jax.Array,
-    v_BxSxGxK: jax.Array,
-    start: jax.Array,
-    cfg: ModelConfig,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``block`` for decoding with a key/value cache: the T new keys/values are written into the
-    cache at slots [start, start + T) and the queries attend over the whole cache under ``mask``
-    (which must hide unwritten slots). Returns (x, k cache, v cache)."""
-    with jax.named_scope("attention"):
-        h = norm(p["attn_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
-        q, k, v = qkv(p["attn"], h, positions_BxT, cfg)
-        k_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(k_BxSxGxK, k.astype(k_BxSxGxK.dtype), start, 1)
-        v_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(v_BxSxGxK, v.astype(v_BxSxGxK.dtype), start, 1)
-        o_BxTxHxK = attend(q, k_BxSxGxK, v_BxSxGxK, mask_BxTxS, cfg.attention)
-        x_BxTxD = x_BxTxD + attn_out(p["attn"], o_BxTxHxK)
-    with jax.named_scope("mlp"):
-        h = norm(p["mlp_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
-        x_BxTxD = x_BxTxD + mlp(p["mlp"], h, cfg.mlp)
-    return x_BxTxD, k_BxSxGxK, v_BxSxGxK
+    if cache is None:  # a decode batch is not split like a training batch
+        x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+    return x_BxTxD, cache
 
 
 _REMAT_POLICIES = {
@@ -315,7 +311,7 @@ def decoder(
     """
 
     def body(x, p_layer):
-        return block(p_layer, x, positions_BxT, segment_ids_BxT, cfg), None
+        return block(p_layer, x, positions_BxT, cfg, segment_ids_BxT=segment_ids_BxT)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)

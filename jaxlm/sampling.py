@@ -63,20 +63,12 @@ def hidden_cached(
 
     def layer(carry, p_layer):
         x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i = carry
-        x_BxTxD, k_BxSxGxK, v_BxSxGxK = model.block_cached(
-            p_layer,
-            x_BxTxD,
-            positions_BxT,
-            mask_BxTxS,
-            k_LxBxSxGxK[layer_i],
-            v_LxBxSxGxK[layer_i],
-            start,
-            cfg,
-        )
+        layer_cache = model.KVCache(k_LxBxSxGxK[layer_i], v_LxBxSxGxK[layer_i], start, mask_BxTxS)
+        x_BxTxD, layer_cache = model.block(p_layer, x_BxTxD, positions_BxT, cfg, cache=layer_cache)
         # Write back only the T new slots, so the cache is updated in place, not copied per step.
         at = (layer_i, 0, start, 0, 0)
-        new_k = jax.lax.dynamic_slice_in_dim(k_BxSxGxK, start, T, 1)[None]
-        new_v = jax.lax.dynamic_slice_in_dim(v_BxSxGxK, start, T, 1)[None]
+        new_k = jax.lax.dynamic_slice_in_dim(layer_cache.k_BxSxGxK, start, T, 1)[None]
+        new_v = jax.lax.dynamic_slice_in_dim(layer_cache.v_BxSxGxK, start, T, 1)[None]
         k_LxBxSxGxK = jax.lax.dynamic_update_slice(k_LxBxSxGxK, new_k, at)
         v_LxBxSxGxK = jax.lax.dynamic_update_slice(v_LxBxSxGxK, new_v, at)
         return (x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i + 1), None
