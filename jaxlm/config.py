@@ -24,6 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    module: str = ""
+    """'' is jaxlm's transformer; 'FILE.py:Class' or 'package.module:Class' names a flax.nnx.Module
+    built as Class(cfg, rngs=nnx.Rngs(key)) from this config (see experiments/nnx_gpt.py)."""
     vocab_size: int = 50257
     """Tokenizer vocabulary size; the embedding is padded up to ``vocab_multiple``."""
     vocab_multiple: int = 128

@@ -37,6 +37,7 @@ class Weight:
     decay: bool
     init: str = "normal"  # normal | zeros | ones
     std: float = 0.0
+    dtype: str | None = None  # None: model.param_dtype
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
@@ -105,22 +106,22 @@ def param_decls(cfg: ModelConfig) -> Params:
     return decls
 
 
-def _is_weight(x) -> bool:
+def is_weight(x) -> bool:
     return isinstance(x, Weight)
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
-    return jax.tree.map(lambda w: w.axes, param_decls(cfg), is_leaf=_is_weight)
+    return jax.tree.map(lambda w: w.axes, param_decls(cfg), is_leaf=is_weight)
 
 
 def decay_mask(cfg: ModelConfig) -> Params:
-    return jax.tree.map(lambda w: w.decay, param_decls(cfg), is_leaf=_is_weight)
+    return jax.tree.map(lambda w: w.decay, param_decls(cfg), is_leaf=is_weight)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random params from the declarations; jit this with out_shardings to init sharded."""
     decls = param_decls(cfg)
-    leaves, treedef = jax.tree.flatten(decls, is_leaf=_is_weight)
+    leaves, treedef = jax.tree.flatten(decls, is_leaf=is_weight)
     keys = jax.random.split(key, len(leaves))
     dtype = jnp.dtype(cfg.param_dtype)
 
@@ -134,14 +135,17 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     return jax.tree.unflatten(treedef, [one(w, k) for w, k in zip(leaves, keys, strict=True)])
 
 
+def total_params(decls: Params) -> int:
+    return sum(math.prod(w.shape) for w in jax.tree.leaves(decls, is_leaf=is_weight))
+
+
 def count_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
     """Parameters as published: vocabulary padding rows are not counted.
 
     ``embedding=False`` leaves out the token and position embeddings (the 6N of the FLOP count);
     an untied output projection is counted either way.
     """
-    decls = param_decls(cfg)
-    total = sum(math.prod(w.shape) for w in jax.tree.leaves(decls, is_leaf=_is_weight))
+    total = total_params(param_decls(cfg))
     pad_rows = cfg.padded_vocab - cfg.vocab_size
     total -= pad_rows * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     if not embedding:
