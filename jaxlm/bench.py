@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import model, sharding, train
+from jaxlm import lm, model, sharding, train
 from jaxlm.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched as substrings of device_kind, first
@@ -174,7 +174,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int | Non
     if steps < 1 or warmup < 0:
         raise ConfigError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_divisible(cfg.model, mesh)
+    sharding.check_divisible(cfg.model, lm.get(cfg.model).decls, mesh)
     sharding.micro_batch_rows(cfg.train, mesh)  # refuses a batch the mesh cannot split evenly
     with jax.set_mesh(mesh):  # scoped: a benchmark must not leave a global mesh behind
         return _timed_run(cfg, mesh, steps, warmup, matmul_n)

@@ -119,25 +119,71 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(arr, MESH_AXES)
 
 
-def check_divisible(model: ModelConfig, mesh: Mesh) -> None:
-    """Every sharded weight dimension must split evenly; one error lists every mismatch."""
-    tp, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    vocab = (
-        f"the padded vocabulary {model.padded_vocab} (model.vocab_size={model.vocab_size} rounded up to "
-        f"a multiple of model.vocab_multiple={model.vocab_multiple})"
-    )
-    checks = [
-        ("tensor", tp, f"model.n_heads={model.n_heads}", model.n_heads),
-        ("tensor", tp, f"model.n_kv_heads={model.kv_heads}", model.kv_heads),
-        ("tensor", tp, f"model.d_ff={model.d_ff}", model.d_ff),
-        ("tensor", tp, vocab, model.padded_vocab),
-        ("fsdp", fsdp, f"model.d_model={model.d_model}", model.d_model),
-    ]
-    bad = [f"mesh.{axis}={n} does not divide {what}" for axis, n, what, value in checks if value % n]
+# What each logical axis of a weight measures, so a divisibility error names the config field.
+AXIS_FIELDS = {
+    "layers": "model.n_layers",
+    "embed": "model.d_model",
+    "heads": "model.n_heads",
+    "kv_heads": "model.n_kv_heads",
+    "head_dim": "model.head_dim",
+    "mlp": "model.d_ff",
+    "positions": "model.seq_len",
+}
+
+
+def _axis_label(axis: str, size: int, model: ModelConfig, where: str) -> str:
+    if axis == "vocab":
+        return (
+            f"the padded vocabulary {size} (model.vocab_size={model.vocab_size} rounded up to a multiple of "
+            f"model.vocab_multiple={model.vocab_multiple})"
+        )
+    if axis in AXIS_FIELDS and not model.module:
+        return f"{AXIS_FIELDS[axis]}={size}"
+    return f"axis {axis!r} of {where} (size {size})"
+
+
+def _split_dims(decls, mesh_shape: dict[str, int], rules: dict):
+    """(logical axis, size, mesh axes, ways, parameter path) for every weight dimension the rules split."""
+    for path, w in jax.tree_util.tree_flatten_with_path(decls, is_leaf=lambda x: hasattr(x, "axes"))[0]:
+        for size, axis in zip(w.shape, w.axes, strict=True):
+            if axis is None:
+                continue
+            target = rules[axis] if axis in rules else None
+            names = (target,) if isinstance(target, str) else tuple(target or ())
+            yield axis, size, names, math.prod(mesh_shape[a] for a in names), jax.tree_util.keystr(path)
+
+
+def check_divisible(model: ModelConfig, decls, mesh: Mesh, rules: dict = RULES) -> None:
+    """Every weight dimension that ``rules`` split over the mesh must split evenly; one error lists
+    every mismatch. Derived from the weight declarations and the rule table, so changing a rule
+    changes what is checked."""
+    for w in jax.tree.leaves(decls, is_leaf=lambda x: hasattr(x, "axes")):
+        logical_to_spec(w.axes, rules)  # unknown axes and collisions first, with their own message
+    bad: dict[tuple[str, tuple[str, ...]], str] = {}
+    for axis, size, names, ways, where in _split_dims(decls, dict(mesh.shape), rules):
+        if ways > 1 and size % ways:
+            mesh_axes = " x ".join(f"mesh.{a}" for a in names)
+            shown = f"{mesh_axes}={ways}" if len(names) > 1 else f"mesh.{names[0]}={ways}"
+            bad.setdefault((axis, names), f"{shown} does not divide {_axis_label(axis, size, model, where)}")
     if bad:
         raise ConfigError(
-            "; ".join(bad) + ". Pick mesh sizes that divide these model sizes (or change the model)"
+            "; ".join(bad.values()) + ". Pick mesh sizes that divide these model sizes (or change the model)"
         )
+
+
+def loading_mesh(model: ModelConfig, decls, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The one mesh for evaluating, sampling, exporting and importing: ``devices`` (default all),
+    params split over ``fsdp`` as far as every fsdp-split weight dimension allows (so a model too
+    large for one device still loads), the rest of the devices on ``data``."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    on_fsdp = [
+        size
+        for _, size, names, _, _ in _split_dims(decls, dict.fromkeys(MESH_AXES, 1), RULES)
+        if "fsdp" in names
+    ]
+    fsdp = max(d for d in range(1, n + 1) if n % d == 0 and all(size % d == 0 for size in on_fsdp))
+    return make_mesh(MeshConfig(data=n // fsdp, fsdp=fsdp, tensor=1), devices)
 
 
 def shardings(mesh: Mesh, axes_tree, shapes_tree=None):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm import checkpoint, distributed, model, sharding
+from jaxlm import checkpoint, distributed, lm, model, sharding
 from jaxlm.config import Config, ConfigError, to_dict
 from jaxlm.data import pipeline
 from jaxlm.metrics import RunLogger, write_json
@@ -144,7 +144,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     distributed.initialize(cfg.mesh)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_divisible(cfg.model, mesh)
+    sharding.check_divisible(cfg.model, lm.get(cfg.model).decls, mesh)
     sharding.micro_batch_rows(t, mesh)  # refuses a batch the mesh cannot split evenly
     with jax.set_mesh(mesh):  # scoped: a later run or sampling in this process sees no stale mesh
         return _run_on_mesh(cfg, mesh, resume)

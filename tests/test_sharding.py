@@ -8,6 +8,7 @@ Regenerate the golden table after a deliberate change to RULES or the model (the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from jaxlm import model, sharding, train
+from jaxlm import lm, model, sharding, train
 from jaxlm.config import ConfigError, MeshConfig, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_bad_mesh_sizes_name_the_numbers():
 def test_tensor_and_fsdp_sizes_must_divide_the_model():
     cfg = load_config(ROOT / "experiments" / "tiny.py")  # n_heads 4, d_ff 64, d_model 32, vocab 257
     with pytest.raises(ConfigError) as e:
-        sharding.check_divisible(cfg.model, mesh_of((1, 1, 8)))
+        sharding.check_divisible(cfg.model, lm.get(cfg.model).decls, mesh_of((1, 1, 8)))
     msg = str(e.value)
     assert "mesh.tensor=8 does not divide model.n_heads=4" in msg
     assert "mesh.tensor=8 does not divide model.n_kv_heads=4" in msg
@@ -98,8 +99,36 @@ def test_tensor_and_fsdp_sizes_must_divide_the_model():
     assert "d_ff" not in msg  # 64 divides
     narrow = apply_overrides(cfg, {"model.d_model": "20", "model.n_heads": "2"})
     with pytest.raises(ConfigError, match="mesh.fsdp=8 does not divide model.d_model=20"):
-        sharding.check_divisible(narrow.model, mesh_of((1, 8, 1)))
-    sharding.check_divisible(small_config().model, mesh_of((2, 2, 2)))  # all divide: no error
+        sharding.check_divisible(narrow.model, lm.get(narrow.model).decls, mesh_of((1, 8, 1)))
+    small = small_config().model
+    sharding.check_divisible(small, lm.get(small).decls, mesh_of((2, 2, 2)))  # all divide: no error
+
+
+def test_the_divisibility_check_follows_the_rule_table():
+    """Changing a rule changes what must divide: the check derives from RULES and the declarations."""
+    cfg = apply_overrides(load_config(ROOT / "experiments" / "tiny.py"), {"model.d_ff": "20"})
+    decls, mesh = lm.get(cfg.model).decls, mesh_of((8, 1, 1))
+    sharding.check_divisible(cfg.model, decls, mesh)  # d_ff is split over tensor (size 1) only
+    rules = dict(sharding.RULES, mlp="data")
+    with pytest.raises(ConfigError, match=r"mesh.data=8 does not divide model.d_ff=20"):
+        sharding.check_divisible(cfg.model, decls, mesh, rules)
+    narrow = apply_overrides(cfg, {"model.d_model": "20", "model.n_heads": "2"})
+    sharding.check_divisible(
+        narrow.model, lm.get(narrow.model).decls, mesh_of((1, 8, 1)), dict(sharding.RULES, embed=None)
+    )
+
+
+def test_the_loading_mesh_splits_params_over_fsdp_as_far_as_the_model_allows():
+    cfg = load_config(ROOT / "experiments" / "tiny.py").model  # d_model 32: fsdp 8 divides it
+    assert dict(sharding.loading_mesh(cfg, lm.get(cfg).decls).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    narrow = dataclasses.replace(cfg, d_model=20, n_heads=2)  # 20 = 4 * 5: fsdp 4 of 8 devices
+    assert dict(sharding.loading_mesh(narrow, lm.get(narrow).decls).shape) == {
+        "data": 2,
+        "fsdp": 4,
+        "tensor": 1,
+    }
+    one = sharding.loading_mesh(narrow, lm.get(narrow).decls, jax.devices()[:1])
+    assert one.devices.size == 1
 
 
 def test_two_logical_axes_on_one_mesh_axis_is_an_error():
