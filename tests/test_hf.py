@@ -1,8 +1,16 @@
 """Hugging Face interop: exported models give jaxlm's logits in transformers, imported ones give
 transformers' logits in jaxlm, export -> import is bit-exact, and what no HF architecture
-represents is refused by name. torch/transformers run on CPU in float32."""
+represents is refused by name.
+
+Two kinds of test. The fixture tests always run and need neither torch nor transformers:
+tests/fixtures/hf/ holds tiny random transformers models (a tied GPT-2 and an untied Llama with
+grouped-query attention) with the logits transformers computed for them, written by
+tests/fixtures/make_hf_fixtures.py; jaxlm imports them, must reproduce those logits, and its export
+must give back the same tensors. The live tests run transformers itself (CPU torch, float32) and
+skip, with one line, where torch or transformers is not installed (.ci/run installs both)."""
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import shutil
@@ -12,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from jaxlm import checkpoint, cli, hf, model, train
 from jaxlm.config import CheckpointConfig, Config, ConfigError, DataConfig, ModelConfig, load_config, to_dict
 from jaxlm.data.tokenizer import GPT2_DIR, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 GPT2 = dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=True)
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False)
 
@@ -60,42 +67,40 @@ def write_checkpoint(tmp_path: Path, m: ModelConfig, tokenizer: str = "bytes", s
     return cfg, params
 
 
+F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
+
+
+def logits_rtol(m: ModelConfig, n_tokens: int) -> float:
+    """How far two float32 computations of the same logits (jaxlm's XLA, transformers' torch) may
+    differ, as a fraction of the largest |logit|.
+
+    A logit is the end of a chain of reductions that the two libraries sum in different orders; a
+    length-n float32 sum is off by at most about n x eps of its terms' magnitude (the linear worst
+    case; every normalisation brings activations back to the logits' scale). Per layer the chain is
+    the norm (d_model), q/k/v (d_model), q.k (head_dim), the softmax and the weighted sum of values
+    (n_tokens), the output projection (n_heads x head_dim), the norm (d_model), the MLP's input
+    (d_model) and output (d_ff); then the final norm and the unembedding (d_model each)."""
+    d, k = m.d_model, m.dim_per_head
+    per_layer = 4 * d + k + n_tokens + m.n_heads * k + m.d_ff
+    return F32_EPS * (m.n_layers * per_layer + 2 * d)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, m: ModelConfig):
+    """Logits [B, T, V] within logits_rtol of each other."""
+    assert actual.shape == expected.shape
+    rel = logits_rtol(m, expected.shape[1])
+    err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
+    assert scale > 1.0, "logits too small to make the comparison meaningful"
+    assert err <= rel * scale, f"max |diff| {err:.3g} > {rel:.3g} x max |logit| {scale:.3g}"
+
+
 def jaxlm_logits(params, m: ModelConfig, tokens: np.ndarray) -> np.ndarray:
+    """Float32 logits (compute_dtype pinned: logits_rtol is float32 arithmetic)."""
+    m = dataclasses.replace(m, compute_dtype="float32")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     return np.asarray(
         jax.jit(model.forward, static_argnums=4)(params, jnp.asarray(tokens), positions, None, m)
     )
-
-
-def load_hf(directory: Path):
-    """from_pretrained with every transformers log record captured; none is allowed."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append
-    logger = transformers.logging.get_logger("transformers")
-    transformers.logging.set_verbosity_warning()
-    logger.addHandler(handler)
-    try:
-        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, output_loading_info=True
-        )
-    finally:
-        logger.removeHandler(handler)
-    assert not any(info.values()), info  # missing, unexpected, mismatched keys, errors
-    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
-    return hf_model.eval()
-
-
-def hf_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return hf_model(torch.from_numpy(tokens)).logits.numpy()
-
-
-def assert_close(actual: np.ndarray, expected: np.ndarray, rel: float = 1e-4):
-    assert actual.shape == expected.shape
-    err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
-    assert scale > 1.0, "logits too small to make the comparison meaningful"
-    assert err <= rel * scale, f"max |diff| {err:.3g} > {rel} x max |logit| {scale:.3g}"
 
 
 def assert_same_params(imported, original, m: ModelConfig):
@@ -115,8 +120,81 @@ def assert_same_params(imported, original, m: ModelConfig):
         assert not pad.any(), f"{name}: padding rows are not zero"
 
 
+def assert_same_tensors(directory: Path, reference: Path):
+    """The Hugging Face tensors of two model directories: the same names, dtypes and bits."""
+    a, b = hf.SafetensorsDir(directory), hf.SafetensorsDir(reference)
+    assert sorted(a.where) == sorted(b.where)
+    for name in b.where:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+
+
+def hf_fields(directory: Path) -> dict:
+    """The jaxlm architecture a transformers config.json describes."""
+    return hf.model_fields_from_hf(json.loads((directory / "config.json").read_text()))
+
+
 # --------------------------------------------------------------------------------------------
-# Export: logits match transformers; export -> import is bit-exact.
+# Fixtures (no torch): transformers' models and logits, stored, imported and exported by jaxlm.
+# --------------------------------------------------------------------------------------------
+
+FIXTURE_MODELS = ["gpt2", "llama-gqa"]
+
+
+def load_fixture(name: str) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(model directory, tokens [B, T], transformers' float32 logits [B, T, V] for them)."""
+    src = FIXTURES / name
+    return src, np.load(src / "tokens.npy"), np.load(src / "logits.npy")
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_fixture_import_reproduces_transformers_logits_and_exports_the_same_tensors(tmp_path, name):
+    src, tokens, want = load_fixture(name)
+    cfg = hf.import_config(src, tmp_path / "runs" / name, tokenizer="bytes")
+    m = cfg.model
+    assert {k: getattr(m, k) for k in hf.ARCHITECTURE_KEYS} == hf_fields(src)
+    if name == "gpt2":
+        assert m.positions == "learned" and m.tie_embeddings and m.use_bias
+    else:  # what the Llama fixture is there for: GQA, untied, a rope_theta that is not the default
+        assert m.kv_heads < m.n_heads and not m.tie_embeddings and m.rope_theta == 500.0
+    assert m.padded_vocab > m.vocab_size  # the padding rows are dropped and re-added on the way
+    params = hf.params_from_hf(hf.SafetensorsDir(src), m, str(src))
+    assert_close(jaxlm_logits(params, m, tokens), want, m)
+
+    # Export is transposes, reshapes and slices of the same float32 values: bit for bit.
+    out = tmp_path / "hf"
+    hf.export(jax.tree.map(jnp.asarray, params), cfg, out)
+    assert_same_tensors(out, src)
+    assert hf_fields(out) == hf_fields(src)
+
+
+def test_cli_import_of_fixture_exports_back_and_training_resumes(tmp_path, tiny_data):
+    src, tokens, want = load_fixture("llama-gqa")
+    run = tmp_path / "runs" / "llama"
+    experiment = ROOT / "experiments" / "tiny.py"
+    sets = [f"data.dir={tiny_data}", "train.steps=2", "train.eval_every=0", "mesh.data=8"]
+    argv = ["import", "--from", str(src), "--out", str(run), "--experiment", str(experiment), "--set", *sets]
+    assert cli.main(argv) == 0
+    cfg, params, _ = checkpoint.load_params(run)
+    assert cfg.model.n_kv_heads == 2 and not cfg.model.tie_embeddings and cfg.data.tokenizer == "bytes"
+    assert cfg.model.seq_len == load_config(experiment).model.seq_len  # rope: the experiment's window
+    assert_close(jaxlm_logits(params, cfg.model, tokens), want, cfg.model)
+
+    out = tmp_path / "hf"  # through the checkpoint and back: the same tensors, the same model
+    assert cli.main(["export", "--checkpoint", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert_same_tensors(out, src)
+    assert hf_fields(out) == hf_fields(src) | {"seq_len": cfg.model.seq_len}
+
+    resumed = load_config(run / "experiment.py")
+    assert to_dict(resumed) == to_dict(cfg)
+    summary = train.run(resumed, resume=True)
+    assert summary["step"] == 2 and np.isfinite(summary["train_loss"])
+    assert checkpoint.complete_steps(run / "checkpoints")[-1] == 2
+    log = (run / "log.txt").read_text()  # the checkpoint is exactly what train.py would restore
+    assert "optimizer state not restored" not in log and "config changed" not in log, log
+
+
+# --------------------------------------------------------------------------------------------
+# Export (no torch): sharded files, export -> import is bit-exact, bfloat16 is the rounded tensors.
 # --------------------------------------------------------------------------------------------
 
 EXPORT_CASES = {
@@ -130,8 +208,8 @@ EXPORT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(EXPORT_CASES))
-def test_export_matches_transformers_and_round_trips(tmp_path, case, capsys):
+def export_case(tmp_path: Path, case: str, capsys) -> tuple[ModelConfig, Config, dict, Path]:
+    """A random checkpoint of EXPORT_CASES[case] exported by `jaxlm export`: (model, config, params, dir)."""
     m, shard = EXPORT_CASES[case]
     cfg, params = write_checkpoint(tmp_path, m)
     out = tmp_path / "hf"
@@ -145,12 +223,13 @@ def test_export_matches_transformers_and_round_trips(tmp_path, case, capsys):
         index = json.loads((out / "model.safetensors.index.json").read_text())
         files = set(index["weight_map"].values())
         assert len(files) > 1 and all((out / f).is_file() for f in files)
+    return m, cfg, params, out
 
-    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (3, m.seq_len))
-    hf_model = load_hf(out)
-    assert_close(hf_logits(hf_model, tokens), jaxlm_logits(params, m, tokens))
 
-    # Import (checkpoint writing aside, which the other tests cover) gives the params back.
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_round_trips_bit_exact(tmp_path, case, capsys):
+    m, cfg, params, out = export_case(tmp_path, case, capsys)
+    # Import (checkpoint writing aside, which the CLI test covers) gives the params back.
     back = hf.import_config(out, tmp_path / "runs" / "back", tokenizer="bytes").model
     assert {k: getattr(back, k) for k in hf.ARCHITECTURE_KEYS} == {
         k: getattr(m, k) for k in hf.ARCHITECTURE_KEYS
@@ -167,9 +246,65 @@ def test_export_matches_transformers_and_round_trips(tmp_path, case, capsys):
             np.testing.assert_array_equal(bf16[name], f32[name].astype(jnp.bfloat16))
 
 
-def test_gpt2_tokenizer_files_load_in_transformers_and_import_detects_them(tmp_path):
+# --------------------------------------------------------------------------------------------
+# Live transformers (CPU torch, float32): skipped where torch or transformers is not installed.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    """The transformers module for the live tests (torch must import too)."""
+    why = "no torch/transformers: live test skipped (README, 'Run the tests', says how to install them)"
+    pytest.importorskip("torch", reason=why)
+    return pytest.importorskip("transformers", reason=why)
+
+
+def load_hf(transformers, directory: Path):
+    """from_pretrained with every transformers log record captured; none is allowed."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = transformers.logging.get_logger("transformers")
+    transformers.logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, local_files_only=True, output_loading_info=True
+        )
+    finally:
+        logger.removeHandler(handler)
+    assert not any(info.values()), info  # missing, unexpected, mismatched keys, errors
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    return hf_model.eval()
+
+
+def hf_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return hf_model(torch.from_numpy(tokens).long()).logits.numpy()
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_fixture_logits_are_what_transformers_computes(transformers, name):
+    """The stored logits are transformers' for the stored weights (with the installed version:
+    a fixture made stale by a change in transformers fails here)."""
+    src, tokens, want = load_fixture(name)
+    assert_close(hf_logits(load_hf(transformers, src), tokens), want, ModelConfig(**hf_fields(src)))
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_loads_in_transformers_with_jaxlm_logits(transformers, tmp_path, case, capsys):
+    m, _, params, out = export_case(tmp_path, case, capsys)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (3, m.seq_len))
+    assert_close(hf_logits(load_hf(transformers, out), tokens), jaxlm_logits(params, m, tokens), m)
+
+
+def test_gpt2_tokenizer_files_load_in_transformers_and_import_detects_them(transformers, tmp_path):
     """A randomly initialised transformers GPT-2 with GPT-2's vocabulary: imported with the gpt2
     tokenizer detected, its logits reproduced by jaxlm, and exported back with tokenizer files."""
+    import torch
+
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=50257, n_positions=8, n_embd=16, n_layer=1, n_head=2, layer_norm_epsilon=1e-5
@@ -188,7 +323,7 @@ def test_gpt2_tokenizer_files_load_in_transformers_and_import_detects_them(tmp_p
     assert cfg.data.tokenizer == "gpt2" and cfg.model.vocab_size == 50257 and cfg.model.seq_len == 8
     _, params, _ = checkpoint.load_params(run)
     tokens = np.random.default_rng(1).integers(0, 50257, (2, 8))
-    assert_close(jaxlm_logits(params, cfg.model, tokens), hf_logits(src_model.eval(), tokens))
+    assert_close(jaxlm_logits(params, cfg.model, tokens), hf_logits(src_model.eval(), tokens), cfg.model)
 
     out = tmp_path / "hf"
     summary = hf.export_checkpoint(run, out)
@@ -202,61 +337,24 @@ def test_gpt2_tokenizer_files_load_in_transformers_and_import_detects_them(tmp_p
     text = "Hello world, it's jaxlm!\n  Ünïcödé  tokens<|endoftext|>"
     assert tok(text)["input_ids"] == get_tokenizer("gpt2").encode(text.replace("<|endoftext|>", "")) + [50256]
     assert tok.eos_token_id == 50256 == json.loads((out / "config.json").read_text())["eos_token_id"]
-    assert_close(hf_logits(load_hf(out), tokens), hf_logits(src_model, tokens))
-    before, after = hf.SafetensorsDir(src), hf.SafetensorsDir(out)
-    assert set(before.where) == set(after.where)
-    for name in before.where:  # transformers -> jaxlm checkpoint -> transformers: bit-exact
-        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert_close(hf_logits(load_hf(transformers, out), tokens), hf_logits(src_model, tokens), cfg.model)
+    assert_same_tensors(out, src)  # transformers -> jaxlm checkpoint -> transformers: bit-exact
 
 
-# --------------------------------------------------------------------------------------------
-# Import: a random transformers Llama reproduced in jaxlm, and training continues from it.
-# --------------------------------------------------------------------------------------------
-
-
-def random_llama(directory: Path, vocab_size: int, **kw) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        **kw,
-    )
-    hf_model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in hf_model.parameters():
-            p.normal_(0.0, 0.3)
-    hf_model.save_pretrained(directory)
-    return hf_model.eval()
-
-
-def test_import_llama_reproduces_logits_and_training_resumes(tmp_path, tiny_data):
-    src = tmp_path / "src"
-    hf_model = random_llama(src, vocab_size=257)
-    run = tmp_path / "runs" / "llama"
-    experiment = ROOT / "experiments" / "tiny.py"
-    sets = [f"data.dir={tiny_data}", "train.steps=2", "train.eval_every=0", "mesh.data=8"]
-    argv = ["import", "--from", str(src), "--out", str(run), "--experiment", str(experiment), "--set", *sets]
-    assert cli.main(argv) == 0
-    cfg, params, _ = checkpoint.load_params(run)
-    assert cfg.model.n_kv_heads == 2 and not cfg.model.tie_embeddings and cfg.data.tokenizer == "bytes"
-    assert cfg.model.seq_len == load_config(experiment).model.seq_len  # rope: the experiment's window
-    tokens = np.random.default_rng(2).integers(0, 257, (2, cfg.model.seq_len))
-    assert_close(jaxlm_logits(params, cfg.model, tokens), hf_logits(hf_model, tokens))
-
-    resumed = load_config(run / "experiment.py")
-    assert to_dict(resumed) == to_dict(cfg)
-    summary = train.run(resumed, resume=True)
-    assert summary["step"] == 2 and np.isfinite(summary["train_loss"])
-    assert checkpoint.complete_steps(run / "checkpoints")[-1] == 2
-    log = (run / "log.txt").read_text()  # the checkpoint is exactly what train.py would restore
-    assert "optimizer state not restored" not in log and "config changed" not in log, log
+def test_fixture_script_writes_models_that_import_with_their_logits(transformers, tmp_path):
+    """make_hf_fixtures.py run with the installed torch + transformers: what this transformers
+    version saves (config keys, tensor names) imports into jaxlm with the logits it computed."""
+    path = FIXTURES.parent / "make_hf_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_hf_fixtures", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(script.MODELS) == sorted(FIXTURE_MODELS)
+    for name in script.MODELS:
+        src = tmp_path / name
+        m = ModelConfig(**hf_fields(src))
+        params = hf.params_from_hf(hf.SafetensorsDir(src), m, str(src))
+        assert_close(jaxlm_logits(params, m, np.load(src / "tokens.npy")), np.load(src / "logits.npy"), m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +400,7 @@ def edit_config(directory: Path, **changes):
 
 def test_import_refusals(tmp_path):
     src = tmp_path / "src"
-    random_llama(src, vocab_size=300)
+    shutil.copytree(FIXTURES / "llama-gqa", src)
     run = tmp_path / "runs" / "x"
 
     def refused(match, tokenizer="bytes", **kw):
