@@ -35,6 +35,7 @@ def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig) -> dict:
             str(directory),
             data_cfg.val_fraction,
             seed=data_cfg.seed,
+            max_undecodable=data_cfg.max_undecodable,
         )
     index = read_index(directory)
     if index is None:
