@@ -360,23 +360,10 @@ def report(r: dict[str, Any]) -> str:
     )
 
 
-def bench_main(argv: list[str]) -> int:
+def bench_main(args: argparse.Namespace) -> int:
+    """``jaxlm bench`` with the arguments ``jaxlm.cli`` parsed."""
     from jaxlm.config import load_config
 
-    p = argparse.ArgumentParser(prog="jaxlm bench", description="Time the train step on synthetic data.")
-    p.add_argument("experiment", help="experiments/NAME.py exposing get_config()")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
-    p.add_argument("--matmul-n", type=int, default=None, help="size of the peak matmul (2048 CPU, else 8192)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON here")
-    p.add_argument(
-        "--attention-parity",
-        action="store_true",
-        help="instead of the step: check every attention backend on this device against the reference "
-        "at the experiment's shapes and dtype (exit 1 if one disagrees)",
-    )
-    args = p.parse_args(argv)
     cfg = load_config(args.experiment, args.set)
     if args.attention_parity:
         r: Any = attention_parity(cfg.model)

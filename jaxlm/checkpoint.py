@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from jaxlm.config import CheckpointConfig, ConfigError
 
 ITEMS = ("state", "data", "config")
 CHECKSUMS = "checksums.json"
+JSON_FILES = (CHECKSUMS, "data/metadata", "config/metadata")  # ours, and the JSON items' files
 
 
 class CheckpointError(ConfigError):
@@ -73,25 +73,42 @@ def _file_checksums(step_dir: Path) -> dict[str, list[int]]:
     return out
 
 
+def _invalid_json(path: Path) -> str | None:
+    try:
+        if path.is_file():
+            json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{path} is not valid JSON ({e})"
+    return None
+
+
 def verify(step_dir: str | Path) -> None:
-    """Raise ValueError naming the first missing, truncated or corrupted file of a checkpoint.
+    """Raise ValueError naming the first missing, truncated, corrupted or not-JSON file of a checkpoint.
 
     Orbax reads a bit-flipped array without complaint, so each checkpoint carries CRC32s of its files
-    (``checksums.json``, written before the directory is renamed into place); one without is trusted.
+    (``checksums.json``, written before the directory is renamed into place); one without is trusted,
+    bar its JSON files, which must parse.
     """
     step_dir = Path(step_dir)
+    bad_json = {name: why for name in JSON_FILES if (why := _invalid_json(step_dir / name))}
     listing = step_dir / CHECKSUMS
-    if not listing.is_file():
-        return
-    expected = json.loads(listing.read_text())
-    actual = _file_checksums(step_dir)
+    trusted = CHECKSUMS in bad_json or not listing.is_file()
+    expected = {} if trusted else json.loads(listing.read_text())
+    actual = _file_checksums(step_dir) if expected else {}
     for name, (size, crc) in sorted(expected.items()):
         if name not in actual:
             raise ValueError(f"{step_dir / name} is missing")
+        sizes = f"{actual[name][0]} bytes, {size} written"
+        if name in bad_json:
+            raise ValueError(f"{bad_json[name]}: {sizes}")
         if actual[name][0] != size:
-            raise ValueError(f"{step_dir / name} is truncated: {actual[name][0]} bytes, {size} written")
+            raise ValueError(
+                f"{step_dir / name} is {'truncated' if actual[name][0] < size else 'too long'}: {sizes}"
+            )
         if actual[name][1] != crc:
             raise ValueError(f"{step_dir / name} is corrupted: its CRC32 differs from the one written")
+    if bad_json:
+        raise ValueError(next(iter(bad_json.values())))
 
 
 def complete_steps(directory: str | Path) -> list[int]:
@@ -360,10 +377,11 @@ def restore(
             return state, step, notes
     finally:
         mngr.close()
+    errors = "; ".join(f"step {s}: {err}" for s, err in bad)
     raise CheckpointError(
-        f"every checkpoint in {directory} is unreadable: "
-        + "; ".join(f"step {s}: {err}" for s, err in bad)
-        + ". Move the checkpoints directory away to start over."
+        f"every checkpoint in {directory} is unreadable ({errors}); nothing was changed. To start the run "
+        f"over, move them away (mv {directory} {directory}.unreadable) and run again; to keep the run as "
+        "it is, train under another name (--set name=NEW)"
     )
 
 
@@ -417,14 +435,20 @@ def load_params(path: str | Path, mesh: jax.sharding.Mesh | None = None):
                 errors.append(f"{root / str(s)}: {_brief(e)}")
                 continue
             if errors:
-                warnings.warn(
-                    f"unreadable checkpoint(s) skipped: {'; '.join(errors)}; loaded {root / str(s)}",
-                    stacklevel=2,
+                print(
+                    f"warning: skipped unreadable checkpoint(s) {'; '.join(errors)}; loaded {root / str(s)}",
+                    file=sys.stderr,
                 )
             return cfg, params["params"], s
     finally:
         mngr.close()
-    raise CheckpointError(f"no readable checkpoint at {str(path)!r}: {'; '.join(errors)}")
+    fix = (
+        f"pass {root}, not one step, to fall back to an earlier checkpoint"
+        if explicit and len(complete_steps(root)) > 1
+        else f"no earlier checkpoint to fall back to: pass another --checkpoint, or retrain (move {root} "
+        f"away, e.g. mv {root} {root}.unreadable, and run jaxlm train again)"
+    )
+    raise CheckpointError(f"no readable checkpoint at {str(path)!r} ({'; '.join(errors)}); {fix}")
 
 
 # ============================================================================================

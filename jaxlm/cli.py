@@ -1,55 +1,166 @@
-"""The ``jaxlm`` command: thin dispatch to the modules that do the work."""
+"""The ``jaxlm`` command: every parser, then thin dispatch to the modules that do the work.
+
+The parsers are built here, from the standard library and ``jaxlm.config`` alone, so ``--help``
+and a mistyped flag answer at once: jax, orbax and grain load only once a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data.prepare import DataError
 
 
-def _train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="jaxlm train", description="Pre-train a model from an experiment file.")
-    p.add_argument("experiment", help="experiments/NAME.py exposing get_config()")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to each option's help, except for flags and where nothing (None, an
+    empty list) is the default: those helps say in words what happens without the option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.required or not action.option_strings or action.nargs == 0:
+            return text
+        if action.default is None or action.default is argparse.SUPPRESS or action.default == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line instead of argparse's usage dump
+        raise ConfigError(f"{self.prog}: {message}; see '{self.prog} --help'")
+
+
+def _experiment_args(p: argparse.ArgumentParser, what: str = "get_config()") -> None:
+    p.add_argument("experiment", help=f"experiments/NAME.py exposing {what}")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
+
+
+# --------------------------------------------------------------------------------------------
+# Commands: arguments (light) and what runs them (imports the heavy modules).
+# --------------------------------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _experiment_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", default=None, help="require a checkpoint to resume from")
-    g.add_argument("--no-resume", dest="resume", action="store_false", help="refuse to continue an old run")
-    args = p.parse_args(argv)
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="require a checkpoint to continue from (default: continue from the run's latest "
+        "checkpoint when it has one, else start fresh)",
+    )
+    g.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="refuse to continue a run that has checkpoints",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxlm import train
     from jaxlm.config import load_config
 
     cfg = load_config(args.experiment, args.set)
-    from jaxlm import train
-
-    train.run(cfg, resume=args.resume)
+    try:
+        train.run(cfg, resume=args.resume)
+    except FloatingPointError as e:  # the loss diverged: the message says what was kept and what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _prepare(argv: list[str]) -> int:
-    from jaxlm.data.prepare import prepare_main
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    default = DataConfig()
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH_OR_GLOB",
+        help="text/JSONL/Parquet files or quoted globs; 'shakespeare' is the embedded corpus",
+    )
+    p.add_argument("--tokenizer", default=default.tokenizer, help="gpt2 | bytes | BPE directory")
+    p.add_argument("--out", required=True, help="output directory (data.dir)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=default.val_fraction,
+        help="fraction of documents held out for validation",
+    )
+    p.add_argument(
+        "--max-undecodable",
+        type=float,
+        default=default.max_undecodable,
+        help="refuse an input file with more than this fraction of its bytes not UTF-8 "
+        "(data.max_undecodable)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=default.split_seed,
+        help="seed of the train/val document split (data.split_seed)",
+    )
 
-    return prepare_main(argv)
+
+def _prepare(args: argparse.Namespace) -> int:
+    from jaxlm.data.prepare import prepare
+
+    try:
+        prepare(
+            args.input, args.tokenizer, args.out, args.val_fraction, seed=args.seed, workers=args.workers,
+            max_undecodable=args.max_undecodable,
+        )  # fmt: skip
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
-def _bench(argv: list[str]) -> int:
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    _experiment_args(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument(
+        "--matmul-n", type=int, default=None, help="size of the peak matmul (default: 2048 on CPU, else 8192)"
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the figures as JSON here (default: not written)",
+    )
+    p.add_argument(
+        "--attention-parity",
+        action="store_true",
+        help="instead of the step: check every attention backend on this device against the reference "
+        "at the experiment's shapes and dtype (exit 1 if one disagrees)",
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
     from jaxlm.bench import bench_main
 
-    return bench_main(argv)
+    return bench_main(args)
 
 
-def _sample(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="jaxlm sample", description="Sample text from a checkpoint.")
+def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir (latest step) or one step dir")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    p.add_argument("--prompts-file", help="text file, one prompt per non-empty line")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--prompts-file", help="text file, one prompt per non-empty line (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the nucleus of this mass (1: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    args = p.parse_args(argv)
+
+
+def _sample(args: argparse.Namespace) -> int:
     from jaxlm import sampling
 
     prompts = sampling.read_prompts(args.prompt, args.prompts_file)
@@ -72,20 +183,20 @@ def _sample(argv: list[str]) -> int:
     return 0
 
 
-def _eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="jaxlm eval", description="Loss and perplexity of a checkpoint.")
+def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run dir (latest step) or one step dir")
     p.add_argument("--data", help="prepared data dir (default: the run's data.dir)")
-    p.add_argument("--split", default="val", choices=["val", "train"])
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which split to evaluate")
     p.add_argument("--batches", type=int, help="batches to evaluate (default: train.eval_batches; 0: all)")
     p.add_argument("--batch-size", type=int, help="global batch (default: the run's)")
-    args = p.parse_args(argv)
-    from jaxlm.data.prepare import DataError
+
+
+def _eval(args: argparse.Namespace) -> int:
     from jaxlm.evaluate import evaluate_checkpoint
 
     try:
         r = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batches, args.batch_size)
-    except (FileNotFoundError, DataError) as e:
+    except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
@@ -95,24 +206,71 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-def _sweep(argv: list[str]) -> int:
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="experiments/NAME.py exposing get_config() and get_sweep()")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides; run nothing")
+    p.add_argument("--executor", choices=("local", "slurm"), default="local", help="where the runs train")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (local: on disjoint devices)")
+    p.add_argument(
+        "--run-index",
+        type=int,
+        default=None,
+        help="train only run i here (SLURM array tasks; default: all runs)",
+    )
+
+
+def _sweep(args: argparse.Namespace) -> int:
     from jaxlm.sweep import main as sweep_main
 
-    return sweep_main(argv)
+    return sweep_main(args)
 
 
-def _report(argv: list[str]) -> int:
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir", help="runs/<sweep> (or a single run directory)")
+    p.add_argument("--out", default=None, help="where report.csv and report.png go (default: sweep_dir)")
+
+
+def _report(args: argparse.Namespace) -> int:
     from jaxlm.report import main as report_main
 
-    return report_main(argv)
+    return report_main(args)
 
 
-def _hf(name: str):
-    def run(argv: list[str]) -> int:
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory (latest step) or one step directory")
+    p.add_argument("--format", default="hf", choices=("hf",), help="output format (hf: transformers)")
+    p.add_argument("--out", required=True, help="new directory for from_pretrained")
+    p.add_argument("--max-shard-size", default="2GB", help="split weights into files of at most this")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weight dtype on disk (auto: the checkpoint's model.param_dtype)",
+    )
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="src", required=True, help="directory written by save_pretrained")
+    p.add_argument("--out", required=True, help="new run directory, e.g. runs/imported")
+    p.add_argument(
+        "--tokenizer",
+        help="gpt2 | bytes | DIR (default: gpt2 when the directory has GPT-2's tokenizer files, "
+        "else the experiment's)",
+    )
+    p.add_argument(
+        "--experiment",
+        help="experiment file supplying data/optim/train/mesh settings (default: jaxlm.config's defaults)",
+    )
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override non-model fields")
+
+
+def _hf(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
         from jaxlm import hf
 
         try:
-            return getattr(hf, name)(argv)
+            return getattr(hf, name)(args)
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -120,30 +278,90 @@ def _hf(name: str):
     return run
 
 
-COMMANDS = {
-    "train": _train,
-    "prepare": _prepare,
-    "bench": _bench,
-    "sample": _sample,
-    "eval": _eval,
-    "sweep": _sweep,
-    "report": _report,
-    "export": _hf("export_main"),
-    "import": _hf("import_main"),
+# name: (one line for `jaxlm --help`, the command's description, its arguments, what runs it)
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable]] = {
+    "train": (
+        "pre-train a model from an experiment file",
+        "Pre-train a model from an experiment file. A run (train.run_dir/name) continues from its latest "
+        "checkpoint by default, with the data where it stopped; give it another name to start fresh.",
+        _train_args,
+        _train,
+    ),
+    "prepare": (
+        "tokenize text/JSONL/Parquet files into token shards",
+        "Tokenize a corpus into token shards for training (data.dir).",
+        _prepare_args,
+        _prepare,
+    ),
+    "bench": (
+        "time the train step on synthetic data",
+        "Time the train step on synthetic data: step time, tokens/s, TFLOP/s, MFU, memory.",
+        _bench_args,
+        _bench,
+    ),
+    "sample": ("sample text from a checkpoint", "Sample text from a checkpoint.", _sample_args, _sample),
+    "eval": (
+        "loss and perplexity of a checkpoint",
+        "Loss and perplexity of a checkpoint on one split of prepared data.",
+        _eval_args,
+        _eval,
+    ),
+    "sweep": (
+        "expand and run the sweep of an experiment file",
+        "Expand and run the sweep of an experiment file; finished runs are skipped, others resume.",
+        _sweep_args,
+        _sweep,
+    ),
+    "report": (
+        "tabulate and plot a sweep's runs",
+        "Tabulate and plot a sweep's runs, best val loss first.",
+        _report_args,
+        _report,
+    ),
+    "export": (
+        "write a checkpoint as a Hugging Face model",
+        "Write a checkpoint as a Hugging Face transformers model (GPT2LMHeadModel or LlamaForCausalLM) "
+        "with safetensors weights and, for BPE tokenizers, the tokenizer files.",
+        _export_args,
+        _hf("export_main"),
+    ),
+    "import": (
+        "turn a Hugging Face GPT-2/Llama directory into a run",
+        "Turn a local Hugging Face GPT-2 or Llama directory (config.json + safetensors) into a jaxlm run "
+        "with a step-0 checkpoint that `jaxlm train --resume`, sampling and eval accept.",
+        _import_args,
+        _hf("import_main"),
+    ),
 }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxlm`` parser with one sub-parser per command; imports nothing heavy."""
+    top = _Parser(
+        prog="jaxlm",
+        description="Readable, scalable language-model pre-training in JAX.",
+        epilog="'jaxlm COMMAND --help' describes each command and its options.",
+    )
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    for name, (summary, description, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=description, formatter_class=_HelpFormatter)
+        add_args(p)
+        p.set_defaults(run=run)
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        known = ", ".join(COMMANDS)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
-            return 2
-        print(f"usage: jaxlm COMMAND [ARGS]\ncommands: {known}\n'jaxlm COMMAND --help' for each")
-        return 0
+    parser = build_parser()
+    if not argv:
+        print(parser.format_help(), end="", file=sys.stderr)
+        return 2
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help was printed
+            return int(e.code or 0)
+        return args.run(args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

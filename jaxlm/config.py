@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class DataConfig:
     """Prepared token shards (``jaxlm prepare --out``); prepared from ``inputs`` if missing."""
     tokenizer: str = "gpt2"
     """gpt2 | bytes | path to a directory with vocab.bpe + encoder.json."""
+    max_undecodable: float = 0.01
+    """Preparing refuses an input file whose share of bytes that are not UTF-8 exceeds this (a binary
+    file named .txt); below it they become U+FFFD with a warning naming the file and the share."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation when preparing; checked against ``data.dir``."""
     split_seed: int = 0
@@ -425,6 +429,9 @@ def validate(cfg: Config) -> Config:
     _need(m.init_std > 0, "model.init_std", "must be positive")
     _need(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0 disables chunking)")
     _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _need(
+        0.0 <= d.max_undecodable <= 1.0, "data.max_undecodable", f"must be in [0, 1], got {d.max_undecodable}"
+    )
     _need(d.workers >= 0, "data.workers", "must be >= 0")
     _need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
     _need(bool(d.dir), "data.dir", "must name the prepared data directory")
@@ -464,20 +471,45 @@ def validate(cfg: Config) -> Config:
 # --------------------------------------------------------------------------------------------
 
 
+def _experiment_error(path: Path, e: BaseException, doing: str) -> ConfigError:
+    """One line naming the experiment file, the line in it where ``e`` arose, and ``e``."""
+    if isinstance(e, SyntaxError) and e.filename and Path(e.filename).resolve() == path.resolve():
+        code = f": {e.text.strip()!r}" if e.text and e.text.strip() else ""
+        return ConfigError(f"{path}:{e.lineno}: syntax error, {e.msg}{code}; fix the experiment file")
+    frames = [
+        f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()
+    ]
+    where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+    code = f" (at {frames[-1].line!r})" if frames and frames[-1].line else ""
+    what = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+    return ConfigError(f"{where}: {doing} failed{code}: {what}; fix the experiment file")
+
+
 def load_experiment(path: str | Path) -> types.ModuleType:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist; see experiments/ for examples")
     spec = importlib.util.spec_from_file_location(f"jaxlm_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise _experiment_error(path, e, "running it") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"experiment file {str(path)!r} must define get_config() -> jaxlm.config.Config")
     return module
 
 
+def call_experiment(path: str | Path, module: types.ModuleType, name: str) -> Any:
+    """``module.name()`` (get_config, get_sweep) with whatever it raises as one ConfigError line."""
+    try:
+        return getattr(module, name)()
+    except Exception as e:
+        raise _experiment_error(Path(path), e, f"{name}()") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Config:
-    cfg = load_experiment(path).get_config()
+    cfg = call_experiment(path, load_experiment(path), "get_config")
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected jaxlm.config.Config")
     if isinstance(overrides, (list, tuple)):

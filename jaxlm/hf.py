@@ -905,23 +905,8 @@ def import_model(
 # ============================================================================================
 
 
-def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="jaxlm export",
-        description="Write a checkpoint as a Hugging Face transformers model (GPT2LMHeadModel or "
-        "LlamaForCausalLM) with safetensors weights and, for BPE tokenizers, the tokenizer files.",
-    )
-    p.add_argument("--checkpoint", required=True, help="run directory (latest step) or one step directory")
-    p.add_argument("--format", default="hf", choices=("hf",), help="output format (hf: transformers)")
-    p.add_argument("--out", required=True, help="new directory for from_pretrained")
-    p.add_argument("--max-shard-size", default="2GB", help="split weights into files of at most this (2GB)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="weight dtype on disk (auto: the checkpoint's model.param_dtype)",
-    )
-    args = p.parse_args(argv)
+def export_main(args: argparse.Namespace) -> int:
+    """``jaxlm export`` with the arguments ``jaxlm.cli`` parsed."""
     s = export_checkpoint(args.checkpoint, args.out, parse_size(args.max_shard_size), args.dtype)
     print(
         f"wrote {args.out}: {s['architecture']} from step {s['step']}, {s['tensors']} tensors, "
@@ -937,24 +922,10 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
-def import_main(argv: list[str]) -> int:
+def import_main(args: argparse.Namespace) -> int:
+    """``jaxlm import`` with the arguments ``jaxlm.cli`` parsed."""
     from jaxlm.config import parse_set_args
 
-    p = argparse.ArgumentParser(
-        prog="jaxlm import",
-        description="Turn a local Hugging Face GPT-2 or Llama directory (config.json + safetensors) into "
-        "a jaxlm run with a step-0 checkpoint that `jaxlm train --resume`, sampling and eval accept.",
-    )
-    p.add_argument("--from", dest="src", required=True, help="directory written by save_pretrained")
-    p.add_argument("--out", required=True, help="new run directory, e.g. runs/imported")
-    p.add_argument(
-        "--tokenizer",
-        help="gpt2 | bytes | DIR; default: gpt2 when the directory has GPT-2's tokenizer files, "
-        "else the experiment's",
-    )
-    p.add_argument("--experiment", help="experiment file supplying data/optim/train/mesh settings")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override non-model fields")
-    args = p.parse_args(argv)
     s = import_model(args.src, args.out, args.tokenizer, args.experiment, parse_set_args(args.set))
     cfg = s["config"]
     m = cfg.model

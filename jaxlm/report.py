@@ -7,6 +7,7 @@ directory shows the same curves); the status comes from ``summary.json`` and the
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -242,15 +243,8 @@ def plot(results: list[RunResult], path: Path) -> None:
 # ============================================================================================
 
 
-def main(argv: list[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="jaxlm report", description="Tabulate and plot a sweep's runs, best val loss first."
-    )
-    p.add_argument("sweep_dir", help="runs/<sweep> (or a single run directory)")
-    p.add_argument("--out", default=None, help="where report.csv and report.png go (default: sweep_dir)")
-    args = p.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """``jaxlm report`` with the arguments ``jaxlm.cli`` parsed."""
     results = load(args.sweep_dir)
     out = Path(args.out or args.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from their latest checkpoint. Every run is validated before any is launched.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -35,6 +36,7 @@ from jaxlm.config import (
     Config,
     ConfigError,
     apply_overrides,
+    call_experiment,
     load_config,
     load_experiment,
     parse_set_args,
@@ -199,7 +201,7 @@ def expand(experiment: str | Path, base_set: list[str] = ()) -> list[Run]:
     module = load_experiment(experiment)
     if not hasattr(module, "get_sweep"):
         raise ConfigError(f"{experiment} has no get_sweep(); define one returning jaxlm.sweep.Sweep")
-    sweep = module.get_sweep()
+    sweep = call_experiment(experiment, module, "get_sweep")
     if not isinstance(sweep, Sweep):
         raise ConfigError(
             f"{experiment}: get_sweep() returned {type(sweep).__name__}, expected jaxlm.sweep.Sweep"
@@ -497,19 +499,8 @@ def run_index(runs: list[Run], index: int) -> int:
 # ============================================================================================
 
 
-def main(argv: list[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="jaxlm sweep", description="Expand and run the sweep of an experiment file."
-    )
-    p.add_argument("experiment", help="experiments/NAME.py exposing get_config() and get_sweep()")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides; run nothing")
-    p.add_argument("--executor", choices=("local", "slurm"), default="local")
-    p.add_argument("--parallel", type=int, default=1, help="runs at once (local: on disjoint devices)")
-    p.add_argument("--run-index", type=int, default=None, help="train only run i here (SLURM array tasks)")
-    args = p.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """``jaxlm sweep`` with the arguments ``jaxlm.cli`` parsed."""
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
 

@@ -238,8 +238,12 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         nonlocal last_time
         step, metrics = pending
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower optim.lr or check the data")
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):  # either makes state `step` junk
+            raise FloatingPointError(
+                f"training diverged at step {step} (loss {m['loss']:.4g}, gradient norm "
+                f"{m['grad_norm']:.4g}); nothing of it was saved and the checkpoints in {ckpt_dir} are "
+                "untouched: lower optim.lr or check the data, then run again to continue from the latest one"
+            )
         now = time.perf_counter()
         m["step_time"] = now - last_time
         last_time = now
@@ -276,6 +280,9 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                     )
                     log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {np.exp(min(val, 50.0)):.2f}")
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+                if pending is not None:  # a diverged state must never be saved (nor rotate out a good one)
+                    drain(pending)
+                    pending = None
                 ckpt.save(step, state, config_dict)
             if stopping:
                 stopped = (step, stop.signal)

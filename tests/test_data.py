@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from jaxlm.config import DataConfig, ModelConfig
 from jaxlm.data import prepare as prepare_mod
 from jaxlm.data.pipeline import Loader, ensure_prepared, eval_batches, unigram_entropy, window_order
-from jaxlm.data.prepare import DataError, prepare, prepare_main, shakespeare_files
+from jaxlm.data.prepare import DataError, prepare, shakespeare_files
 from jaxlm.data.segmenter import TokenStream, Windows
 from jaxlm.data.tokenizer import get_tokenizer
 
@@ -421,15 +421,17 @@ def test_bad_inputs_raise_data_errors(tmp_path):
     assert not Path(out).exists()
 
 
-def test_invalid_utf8_is_replaced_counted_and_warned(tmp_path):
+def test_invalid_utf8_is_replaced_counted_and_warned(tmp_path, capsys):
     (tmp_path / "a.txt").write_bytes(b"caf\xc3\xa9 ok")
-    (tmp_path / "b.txt").write_bytes(b"bad \xff\xfe bytes \xc3")
-    with pytest.warns(UserWarning, match="3 undecodable bytes in 1 documents"):
-        index = prepare([str(tmp_path / "*.txt")], "bytes", str(tmp_path / "out"), progress=False)
+    (tmp_path / "b.txt").write_bytes(b"bad \xff\xfe bytes " + b"x" * 385 + b" \xc3")  # 3 of 400 bytes
+    index = prepare([str(tmp_path / "*.txt")], "bytes", str(tmp_path / "out"), progress=False)
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: 3 bytes that are not valid UTF-8 were replaced by U+FFFD in 1 doc")
+    assert f"{tmp_path / 'b.txt'} 0.75% (3 of 400 bytes)" in warning and "a.txt" not in warning
     assert index["bad_bytes"] == {"documents": 1, "bytes": 3}
     assert split_documents(str(tmp_path / "out"), index, "train") == [
         "café ok",
-        "bad \ufffd\ufffd bytes \ufffd",
+        "bad \ufffd\ufffd bytes " + "x" * 385 + " \ufffd",
     ]
 
 
@@ -455,14 +457,16 @@ def test_ensure_prepared_prepares_once_then_checks_the_model_fits(tmp_path):
 
 
 def test_cli_prepares_and_reports_errors_on_one_line(tmp_path, capsys):
+    from jaxlm.cli import main as cli
+
     corpus = write_jsonl(tmp_path / "c.jsonl", random_texts(5))
     out = tmp_path / "out"
-    args = ["--input", str(corpus), "--tokenizer", "bytes", "--out", str(out), "--workers", "0"]
-    assert prepare_main(args) == 0
+    args = ["prepare", "--input", str(corpus), "--tokenizer", "bytes", "--out", str(out), "--workers", "0"]
+    assert cli(args) == 0
     assert json.loads((out / "index.json").read_text())["splits"]["train"]["documents"] >= 1
     capsys.readouterr()
-    assert prepare_main(["--input", str(tmp_path / "nope.txt"), "--out", str(out)]) == 2
-    assert prepare_main(["--tokenizer", "bytes"]) == 2
+    assert cli(["prepare", "--input", str(tmp_path / "nope.txt"), "--out", str(out)]) == 2
+    assert cli(["prepare", "--tokenizer", "bytes"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert "nope.txt" in err[0] and "--input" in err[1]

@@ -44,6 +44,7 @@ def ensure_prepared(data_cfg: DataConfig, model_cfg: ModelConfig, check_split: b
             str(directory),
             data_cfg.val_fraction,
             seed=data_cfg.split_seed,
+            max_undecodable=data_cfg.max_undecodable,
         )
     index = read_index(directory)
     if index is None:

@@ -13,7 +13,6 @@ the inputs they came from.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import glob
 import hashlib
@@ -26,7 +25,6 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -413,15 +411,35 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _tasks(paths, val_fraction, seed, dtype, stats, progress_bar) -> Iterator[tuple[list, list, str]]:
-    """Group pieces into tasks of about _TASK_CHARS; assign documents to splits as they start."""
+def _check_decodable(path: Path, bad: int, read: int, max_undecodable: float) -> None:
+    if bad > max_undecodable * read:
+        raise DataError(
+            f"input {str(path)!r}: {bad} of {'its' if read == path.stat().st_size else 'the first'} "
+            f"{read} bytes ({bad / read:.1%}) are not valid UTF-8, more than data.max_undecodable="
+            f"{max_undecodable:g}; it is probably not text: remove it from the inputs, convert it to "
+            "UTF-8, or raise the threshold (--max-undecodable, data.max_undecodable)"
+        )
+
+
+def _tasks(
+    paths, val_fraction, seed, dtype, stats, progress_bar, max_undecodable
+) -> Iterator[tuple[list, list, str]]:
+    """Group pieces into tasks of about _TASK_CHARS; assign documents to splits as they start.
+
+    A file with more than ``max_undecodable`` of its bytes not UTF-8 is refused at its end, or
+    already after its first _PIECE_BYTES if those alone exceed it (a large binary file fails fast).
+    """
     texts: list[str] = []
     flags: list[tuple[bool, bool, bool]] = []
     chars = 0
     for path in paths:
         doc_open, replaced_before = False, _Replaced.bytes
+        replaced_at_file, read = _Replaced.bytes, 0
         for text, ends_doc, nbytes in _read(path):
             progress_bar.update(nbytes)
+            if read < _PIECE_BYTES <= read + nbytes:  # once, on the file's first _PIECE_BYTES
+                _check_decodable(path, _Replaced.bytes - replaced_at_file, read + nbytes, max_undecodable)
+            read += nbytes
             if text and not doc_open:
                 ordinal = stats["documents"]
                 stats["documents"] += 1
@@ -442,6 +460,9 @@ def _tasks(paths, val_fraction, seed, dtype, stats, progress_bar) -> Iterator[tu
             if chars >= _TASK_CHARS and texts:
                 yield texts, flags, dtype.str
                 texts, flags, chars = [], [], 0
+        if bad := _Replaced.bytes - replaced_at_file:
+            _check_decodable(path, bad, max(read, 1), max_undecodable)
+            stats["undecodable"].append(f"{path} {bad / max(read, 1):.2%} ({bad} of {read} bytes)")
     if texts:
         yield texts, flags, dtype.str
 
@@ -455,12 +476,21 @@ def prepare(
     workers: int | None = None,
     shard_tokens: int = 2**26,
     progress: bool = True,
+    max_undecodable: float = 0.01,
 ) -> dict:
-    """Tokenize ``inputs`` into shards under ``out`` and return the index (see module docstring)."""
+    """Tokenize ``inputs`` into shards under ``out`` and return the index (see module docstring).
+
+    ``max_undecodable``: see ``DataConfig.max_undecodable``. ``progress`` prints the summary line
+    and, on a terminal, a progress bar.
+    """
     from tqdm import tqdm
 
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if not 0.0 <= max_undecodable <= 1.0:
+        raise DataError(
+            f"max_undecodable={max_undecodable} must be in [0, 1], a fraction of each file's bytes"
+        )
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens={shard_tokens} must be positive")
     paths = resolve_inputs(inputs)
@@ -484,7 +514,8 @@ def prepare(
     # Next to out (same filesystem, so the final rename is atomic); mkdir, unlike mkdtemp, honours the umask.
     tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    stats = dict.fromkeys(("documents", "val_documents", "text_bytes", "bad_documents"), 0)
+    stats: dict[str, Any] = dict.fromkeys(("documents", "val_documents", "text_bytes", "bad_documents"), 0)
+    stats["undecodable"] = []  # "path share (n of m bytes)" of each file with bytes replaced
     replaced_at_start = _Replaced.bytes
     t0 = time.perf_counter()
     bar = tqdm(
@@ -493,13 +524,13 @@ def prepare(
         unit_scale=True,
         desc="prepare",
         file=sys.stderr,
-        disable=not progress,
+        disable=not (progress and sys.stderr.isatty()),  # a bar in a log file is noise
         mininterval=0.5,
     )
     pool = None
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
     try:
-        tasks = _tasks(paths, val_fraction, seed, dtype, stats, bar)
+        tasks = _tasks(paths, val_fraction, seed, dtype, stats, bar, max_undecodable)
         if workers > 1:
             # spawn, not fork: prepare may run inside a process that already started JAX's threads.
             pool = ProcessPoolExecutor(
@@ -571,11 +602,12 @@ def prepare(
                 w._file.close()
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - t0
-    if bad_bytes:
-        warnings.warn(
-            f"{bad_bytes} undecodable bytes in {stats['bad_documents']} documents were replaced by U+FFFD; "
-            "the inputs are not valid UTF-8 there",
-            stacklevel=2,
+    if bad := stats["undecodable"]:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more files" if len(bad) > 5 else "")
+        print(
+            f"warning: {bad_bytes} bytes that are not valid UTF-8 were replaced by U+FFFD in "
+            f"{stats['bad_documents']} document(s): {shown}",
+            file=sys.stderr,
         )
     if progress:
         mb = stats["text_bytes"] / 1e6
@@ -597,55 +629,3 @@ def _ordered_map(pool: ProcessPoolExecutor, tasks: Iterator, in_flight: int) -> 
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
-
-
-# --------------------------------------------------------------------------------------------
-# CLI: jaxlm prepare ...
-# --------------------------------------------------------------------------------------------
-
-
-class _ArgumentError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one-line errors instead of argparse's usage dump + exit
-        raise _ArgumentError(message)
-
-
-def prepare_main(argv: list[str]) -> int:
-    """``jaxlm prepare --input PATHS_OR_GLOBS ... --tokenizer T --out DIR``; returns the exit code."""
-    from jaxlm.config import DataConfig
-
-    default = DataConfig()
-    parser = _Parser(prog="jaxlm prepare", description="Tokenize a corpus into token shards for training.")
-    parser.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        required=True,
-        metavar="PATH_OR_GLOB",
-        help="text/JSONL/Parquet files or quoted globs; 'shakespeare' is the embedded corpus",
-    )
-    parser.add_argument("--tokenizer", default=default.tokenizer, help="gpt2 | bytes | BPE directory")
-    parser.add_argument("--out", required=True, help="output directory (data.dir)")
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=default.val_fraction,
-        help="fraction of documents held out for validation",
-    )
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=default.split_seed,
-        help="seed of the train/val document split (data.split_seed)",
-    )
-    try:
-        args = parser.parse_args(argv)
-        prepare(args.input, args.tokenizer, args.out, args.val_fraction, seed=args.seed, workers=args.workers)
-    except (_ArgumentError, DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
