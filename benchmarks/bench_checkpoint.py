@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, sharding, train
+from jaxlm import checkpoint, sharding
 from jaxlm.config import CheckpointConfig, Config, MeshConfig, TrainConfig, preset, to_dict
+from jaxlm.state import create_state, state_shardings
 
 
 def dir_bytes(path: Path) -> int:
@@ -83,7 +84,7 @@ def main() -> None:
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
     jax.set_mesh(mesh)
     t0 = time.perf_counter()
-    state = train.create_state(cfg, mesh, train.state_shardings(cfg, mesh))
+    state = create_state(cfg, state_shardings(cfg, mesh)).as_tree()
     state = jax.jit(noisy, donate_argnums=0)(state)  # zero Adam moments would compress to nothing
     jax.block_until_ready(state)
     n = sum(x.size for x in jax.tree.leaves(state))

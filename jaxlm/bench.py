@@ -2,7 +2,7 @@
 
     jaxlm bench experiments/gpt2_124m.py --steps 10 --warmup 2
 
-The step is ``train.make_train_step`` on state from ``train.create_state``, sharded on the
+The step is ``train.make_train_step`` on state from ``state.create_state``, sharded on the
 configured mesh, fed random tokens (no data preparation). Warm-up steps are excluded from the
 statistics and compilation is timed on its own.
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxlm import lm, model, sharding, train
 from jaxlm.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from jaxlm.state import create_state, state_shardings
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched as substrings of device_kind, first
 # match wins (so "H100 PCIe" is tried before "H100", "v5 lite" before "v5").
@@ -61,8 +62,7 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def flop_params(cfg: ModelConfig) -> int:
     """N of the 6N rule: non-embedding parameters plus the output projection (see module doc)."""
-    n = model.count_params(cfg, embedding=False)
-    return n + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    return lm.get(cfg).flop_params
 
 
 def flops_per_token(cfg: ModelConfig) -> dict[str, int]:
@@ -181,9 +181,9 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int | Non
 
 
 def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None) -> dict[str, Any]:
-    state_sh = train.state_shardings(cfg, mesh)
+    state_sh = state_shardings(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
-    state = train.create_state(cfg, mesh, state_sh)
+    state = create_state(cfg, state_sh)
     batch = {
         k: jax.device_put(v, batch_sh) for k, v in synthetic_batch(cfg, np.random.default_rng(0)).items()
     }
@@ -192,7 +192,7 @@ def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None)
     step = train.make_train_step(cfg, state_sh, batch_sh).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
 
-    param_dtypes = sorted({x.dtype.name for x in jax.tree.leaves(state["params"])})
+    param_dtypes = sorted({x.dtype.name for x in jax.tree.leaves(state.params)})
     times, first = [], state
     for i in range(warmup + steps):
         t = time.perf_counter()

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -405,14 +405,23 @@ def resolve(path: str | Path) -> tuple[Path, int]:
     )
 
 
-def load_params(path: str | Path, mesh: jax.sharding.Mesh | None = None):
-    """(config, params, step) from a checkpoint alone; params placed on ``mesh`` (default: all
-    local devices, replicated by the model's sharding rules). Optimizer state is not read.
+class Loaded(NamedTuple):
+    cfg: Any
+    params: Any
+    step: int
+    mesh: jax.sharding.Mesh
+    """Where the params are: ``sharding.loading_mesh`` over the devices asked for."""
+
+
+def load_params(path: str | Path, devices: Sequence[jax.Device] | None = None) -> Loaded:
+    """(config, params, step, mesh) from a checkpoint alone. Params are placed on
+    ``sharding.loading_mesh`` over ``devices`` (default all): split over fsdp as far as the model
+    allows, so a model too large for one device still loads. Optimizer state is not read.
 
     Given a run or checkpoints directory, an unreadable latest checkpoint falls back to the
     previous one with a warning; given a step directory, that step or an error.
     """
-    from jaxlm import model, sharding
+    from jaxlm import lm, sharding
     from jaxlm.config import from_dict
 
     root, step = resolve(path)
@@ -425,9 +434,10 @@ def load_params(path: str | Path, mesh: jax.sharding.Mesh | None = None):
             try:
                 verify(root / str(s))
                 cfg = from_dict(_read_config(mngr, s))
-                m = mesh if mesh is not None else sharding.make_mesh(type(cfg.mesh)(data=-1))
-                abstract = jax.eval_shape(lambda cfg=cfg: model.init_params(cfg.model, jax.random.key(0)))
-                shard = sharding.shardings(m, model.logical_axes(cfg.model), abstract)
+                model = lm.get(cfg.model)
+                mesh = sharding.loading_mesh(cfg.model, model.decls, devices)
+                abstract = model.abstract_params()
+                shard = sharding.shardings(mesh, model.logical_axes(), abstract)
                 params = _partial_restore(mngr, s, {"params": abstract_with_shardings(abstract, shard)})
             except ConfigError:
                 raise
@@ -439,7 +449,7 @@ def load_params(path: str | Path, mesh: jax.sharding.Mesh | None = None):
                     f"warning: skipped unreadable checkpoint(s) {'; '.join(errors)}; loaded {root / str(s)}",
                     file=sys.stderr,
                 )
-            return cfg, params["params"], s
+            return Loaded(cfg, params["params"], s, mesh)
     finally:
         mngr.close()
     fix = (

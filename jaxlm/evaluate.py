@@ -1,7 +1,7 @@
 """Loss and perplexity of a checkpoint on one split of a prepared data directory (``jaxlm eval``).
 
 The checkpoint alone defines the model; the evaluation step and batches are the trainer's own
-(``train.make_eval_step``, ``pipeline.eval_batches``), so with the defaults the loss is the one the
+(``make_eval_step``, ``pipeline.eval_batches``), so with the defaults the loss is the one the
 run logged as val loss at that step.
 """
 
@@ -14,12 +14,31 @@ from typing import Any
 
 import jax
 
-from jaxlm import checkpoint, model, sharding, train
-from jaxlm.config import ConfigError, MeshConfig
+from jaxlm import checkpoint, lm, sharding
+from jaxlm.config import Config, ConfigError
 from jaxlm.data import pipeline
 from jaxlm.data.prepare import DataError
 
 SPLITS = ("val", "train")
+
+
+def make_eval_step(cfg: Config, param_sh, batch_sh):
+    """(params, batch) -> (sum of token losses, number of targets): the trainer's loss, without gradients."""
+    model = lm.get(cfg.model)
+
+    def eval_step(params, batch):
+        return model.loss_sums(params, batch, cfg.data.document_masking)
+
+    return jax.jit(eval_step, in_shardings=(param_sh, batch_sh))
+
+
+def mean_loss(eval_step, params, batches, to_global) -> float:
+    """Mean token loss over ``batches`` (host arrays of this process's rows, made global by ``to_global``)."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss_sum, n = eval_step(params, to_global(batch))
+        total, count = total + float(loss_sum), count + float(n)
+    return total / max(count, 1.0)
 
 
 def evaluate_checkpoint(
@@ -33,12 +52,11 @@ def evaluate_checkpoint(
 
     ``data_dir`` defaults to the run's ``data.dir``, ``batches`` to its ``train.eval_batches``
     (0: the whole split) and ``batch_size`` to its per-micro-batch batch size. Runs on every
-    device, data-parallel.
+    device, params split over fsdp as far as the model allows (``sharding.loading_mesh``).
     """
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r} is not valid; choose one of {list(SPLITS)}")
-    mesh = sharding.make_mesh(MeshConfig(data=-1))
-    cfg, params, step = checkpoint.load_params(path, mesh)
+    cfg, params, step, mesh = checkpoint.load_params(path)
     data_cfg = cfg.data
     if data_dir is not None:
         if not (Path(data_dir) / "index.json").is_file():
@@ -59,7 +77,7 @@ def evaluate_checkpoint(
             f"pass --batch-size {shards * max(1, global_batch // shards)}"
         )
 
-    param_sh = sharding.shardings(mesh, model.logical_axes(cfg.model), params)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
     batch_sh = sharding.batch_sharding(mesh)
     data_part = sharding.process_batch_slice(mesh)
 
@@ -67,11 +85,11 @@ def evaluate_checkpoint(
         return sharding.global_batch(local, batch_sh, data_part[1])
 
     with jax.set_mesh(mesh):  # the activation sharding constraints the trainer's eval ran under
-        eval_step = train.make_eval_step(cfg, param_sh, batch_sh)
+        eval_step = make_eval_step(cfg, param_sh, batch_sh)
         it = pipeline.eval_batches(
             data_cfg, cfg.model, index, global_batch, n_batches, *data_part, split=split
         )
-        loss = train.evaluate(eval_step, params, it, to_global)
+        loss = mean_loss(eval_step, params, it, to_global)
     return {
         "step": step,
         "split": split,

@@ -110,14 +110,6 @@ def is_weight(x) -> bool:
     return isinstance(x, Weight)
 
 
-def logical_axes(cfg: ModelConfig) -> Params:
-    return jax.tree.map(lambda w: w.axes, param_decls(cfg), is_leaf=is_weight)
-
-
-def decay_mask(cfg: ModelConfig) -> Params:
-    return jax.tree.map(lambda w: w.decay, param_decls(cfg), is_leaf=is_weight)
-
-
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random params from the declarations; jit this with out_shardings to init sharded."""
     decls = param_decls(cfg)

@@ -332,15 +332,13 @@ def sample_checkpoint(
 
     Returns {"step", "completions": [[text] * num_samples] * prompts, "new_tokens", "seconds"}.
     """
-    from jaxlm import checkpoint, sharding
-    from jaxlm.config import MeshConfig
+    from jaxlm import checkpoint
     from jaxlm.data.tokenizer import get_tokenizer
 
     if num_samples < 1:
         raise ConfigError(f"num_samples={num_samples} must be at least 1")
     # Decoding is latency-bound: one device, params replicated there.
-    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    cfg, params, step = checkpoint.load_params(path, mesh)
+    cfg, params, step, mesh = checkpoint.load_params(path, jax.devices()[:1])
     check_sampling_args(cfg.model.vocab_size, max_new_tokens, temperature, top_k, top_p)
     tok = get_tokenizer(cfg.data.tokenizer)
     prompt_tokens = [tok.encode(p) for p in prompts for _ in range(num_samples)]

@@ -11,69 +11,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm import checkpoint, distributed, lm, model, sharding
+from jaxlm import checkpoint, distributed, lm, sharding
 from jaxlm.config import Config, ConfigError, to_dict
 from jaxlm.data import pipeline
+from jaxlm.evaluate import make_eval_step, mean_loss
 from jaxlm.metrics import RunLogger, write_json
-from jaxlm.optim import lr_schedule, make_optimizer
-
-State = dict[str, Any]  # {"step": int32[], "params": pytree, "opt_state": optax state}
-
-
-# ============================================================================================
-# State: declared shapes -> shardings -> jitted init that writes each shard where it lives.
-# ============================================================================================
-
-
-def make_tx(cfg: Config) -> optax.GradientTransformation:
-    return make_optimizer(cfg.optim, cfg.train.steps, model.decay_mask(cfg.model))
-
-
-def init_state(cfg: Config, key: jax.Array) -> State:
-    params = model.init_params(cfg.model, key)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": make_tx(cfg).init(params)}
-
-
-def state_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> State:
-    """Params shard by their logical axes; optimizer moments like the params they track."""
-    abstract = jax.eval_shape(lambda: init_state(cfg, jax.random.key(0)))
-    param_sh = sharding.shardings(mesh, model.logical_axes(cfg.model), abstract["params"])
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = optax.tree_map_params(
-        make_tx(cfg),
-        lambda _, s: s,
-        abstract["opt_state"],
-        param_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
-    )
-    return {"step": replicated, "params": param_sh, "opt_state": opt_sh}
-
-
-def create_state(cfg: Config, mesh: jax.sharding.Mesh, shardings: State) -> State:
-    init = jax.jit(lambda k: init_state(cfg, k), out_shardings=shardings)
-    return init(jax.random.key(cfg.train.seed))
-
+from jaxlm.optim import lr_schedule
+from jaxlm.state import TrainState, abstract_state, create_state, fresh_opt_state, make_tx, state_shardings
 
 # ============================================================================================
 # The step: gradient accumulation over micro-batches, one optimizer update, metrics.
 # ============================================================================================
 
 
-def make_train_step(cfg: Config, state_sh: State, batch_sh):
-    tx = make_tx(cfg)
+def make_train_step(cfg: Config, state_sh: TrainState, batch_sh):
+    tx, model = make_tx(cfg), lm.get(cfg.model)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     M = cfg.train.micro_batches
     doc_mask = cfg.data.document_masking
 
     def loss_and_grads(params, micro):
         (loss_sum, count), grads = jax.value_and_grad(
-            lambda p: model.loss_sums(p, micro, cfg.model, doc_mask), has_aux=True
+            lambda p: model.loss_sums(p, micro, doc_mask), has_aux=True
         )(params)
         return loss_sum, count, grads
 
-    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        params = state["params"]
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        params = state.params
         if M == 1:
             loss_sum, count, grads = loss_and_grads(params, batch)
         else:
@@ -95,16 +59,14 @@ def make_train_step(cfg: Config, state_sh: State, batch_sh):
             (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean token loss
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
-        }
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        new_state = TrainState(
+            step=state.step + 1, params=optax.apply_updates(params, updates), opt_state=opt_state
+        )
         metrics = {
             "loss": loss_sum / count,
             "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state["step"]),
+            "lr": schedule(state.step),
             "tokens": count,
         }
         return new_state, metrics
@@ -112,21 +74,6 @@ def make_train_step(cfg: Config, state_sh: State, batch_sh):
     return jax.jit(
         train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
     )
-
-
-def make_eval_step(cfg: Config, param_sh, batch_sh):
-    def eval_step(params, batch):
-        return model.loss_sums(params, batch, cfg.model, cfg.data.document_masking)
-
-    return jax.jit(eval_step, in_shardings=(param_sh, batch_sh))
-
-
-def evaluate(eval_step, params, batches, to_global) -> float:
-    total, count = 0.0, 0.0
-    for batch in batches:
-        loss_sum, n = eval_step(params, to_global(batch))
-        total, count = total + float(loss_sum), count + float(n)
-    return total / max(count, 1.0)
 
 
 # ============================================================================================
@@ -188,19 +135,19 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     notes: list[str] = []  # what the restore had to say, logged once the log is open
     if saved:
         # The latest readable checkpoint, resharded onto this mesh; the data pipeline resumes at its step.
-        abstract = checkpoint.abstract_with_shardings(
-            jax.eval_shape(lambda: init_state(cfg, jax.random.key(0))), state_sh
+        abstract = checkpoint.abstract_with_shardings(abstract_state(cfg).as_tree(), state_sh.as_tree())
+        tree, start_step, notes = checkpoint.restore(
+            ckpt_dir, abstract, config_dict, fresh_opt_state(cfg, state_sh)
         )
-        fresh_opt_state = jax.jit(make_tx(cfg).init, out_shardings=state_sh["opt_state"])
-        state, start_step, notes = checkpoint.restore(ckpt_dir, abstract, config_dict, fresh_opt_state)
+        state = TrainState.from_tree(tree)
     else:
-        state = create_state(cfg, mesh, state_sh)
+        state = create_state(cfg, state_sh)
         start_step = 0
     if pid == 0:
         write_json(run_path / "config.json", config_dict)
 
     train_step = make_train_step(cfg, state_sh, batch_sh)
-    eval_step = make_eval_step(cfg, state_sh["params"], batch_sh)
+    eval_step = make_eval_step(cfg, state_sh.params, batch_sh)
 
     def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.global_batch(local, batch_sh, data_part[1])
@@ -209,10 +156,10 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         batches = pipeline.eval_batches(
             cfg.data, cfg.model, index, t.batch_size // t.micro_batches, t.eval_batches, *data_part
         )
-        return evaluate(eval_step, params, batches, to_global)
+        return mean_loss(eval_step, params, batches, to_global)
 
     log = RunLogger(run_path, t.steps, start_step)
-    n_params = model.count_params(cfg.model)
+    n_params = lm.get(cfg.model).count
     log.line(
         f"jaxlm: {cfg.name} | {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.default_backend()} device(s) | "
@@ -273,7 +220,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                 drain(pending)
                 pending = None
                 if index["splits"]["val"]["tokens"] > 0:
-                    val = val_loss(state["params"])
+                    val = val_loss(state.params)
                     best_val = min(best_val, val)
                     log.scalars(
                         step, {"loss": val, "perplexity": float(np.exp(min(val, 50.0)))}, prefix="val/"
@@ -283,7 +230,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                 if pending is not None:  # a diverged state must never be saved (nor rotate out a good one)
                     drain(pending)
                     pending = None
-                ckpt.save(step, state, config_dict)
+                ckpt.save(step, state.as_tree(), config_dict)
             if stopping:
                 stopped = (step, stop.signal)
                 break

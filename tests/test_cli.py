@@ -162,8 +162,8 @@ def _diverging(make_train_step):
 
         def step(state, batch):
             state, metrics = step_fn(state, batch)
-            if int(state["step"]) == DIVERGES_AT:
-                state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
+            if int(state.step) == DIVERGES_AT:
+                state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
                 metrics = {**metrics, "grad_norm": jnp.float32(jnp.nan)}
             return state, metrics
 
@@ -191,7 +191,7 @@ def test_a_diverging_run_ends_in_one_error_line_and_keeps_earlier_checkpoints(di
     assert checkpoint.complete_steps(ckpts) == [2, 4]  # 6 was never written, so 2 was not rotated out
     for step in (2, 4):
         checkpoint.verify(ckpts / str(step))
-    _, params, step = checkpoint.load_params(run)
+    _, params, step, _ = checkpoint.load_params(run)
     assert step == 4 and all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
     assert rc == 1
     line = _one_line(err)

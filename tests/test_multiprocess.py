@@ -91,8 +91,8 @@ def test_two_processes_train_like_one(tiny_data, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
     assert summary["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
-    _, params, step = checkpoint.load_params(run)  # written by both processes together
-    _, ref_params, _ = checkpoint.load_params(tmp_path / "one" / cfg.name)
+    _, params, step, _ = checkpoint.load_params(run)  # written by both processes together
+    ref_params = checkpoint.load_params(tmp_path / "one" / cfg.name).params
     assert step == 3
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6),

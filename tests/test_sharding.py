@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec
 
 from jaxlm import lm, model, sharding, train
 from jaxlm.config import ConfigError, MeshConfig, apply_overrides, load_config
+from jaxlm.state import create_state, state_shardings
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).with_name("golden_sharding.json")
@@ -64,7 +65,7 @@ def flat_specs(shardings) -> dict[str, str]:
 
 def golden_table() -> dict[str, dict[str, str]]:
     cfg = small_config()
-    return {name: flat_specs(train.state_shardings(cfg, mesh_of(shape))) for name, shape in MESHES.items()}
+    return {name: flat_specs(state_shardings(cfg, mesh_of(shape))) for name, shape in MESHES.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def initial_state(shape):
     """create_state on a mesh (each compiled once per test session)."""
     if shape not in _STATES:
         cfg, mesh = small_config(), mesh_of(shape)
-        _STATES[shape] = train.create_state(cfg, mesh, train.state_shardings(cfg, mesh))
+        _STATES[shape] = create_state(cfg, state_shardings(cfg, mesh))
     return _STATES[shape]
 
 
@@ -274,7 +275,7 @@ def train_on(shape) -> tuple[list[float], dict, str]:
         cfg, mesh = small_config(), mesh_of(shape)
         start = jax.device_get(initial_state((1, 1, 1)))  # host copy: the step donates its input
         with jax.set_mesh(mesh):
-            state_sh, batch_sh = train.state_shardings(cfg, mesh), sharding.batch_sharding(mesh)
+            state_sh, batch_sh = state_shardings(cfg, mesh), sharding.batch_sharding(mesh)
             state = jax.device_put(start, state_sh)
             batch = jax.device_put(fixed_batch(), batch_sh)
             step = train.make_train_step(cfg, state_sh, batch_sh).lower(state, batch).compile()
@@ -282,7 +283,7 @@ def train_on(shape) -> tuple[list[float], dict, str]:
             for _ in range(STEPS):
                 state, metrics = step(state, batch)
                 losses.append(float(metrics["loss"]))
-        _RUNS[shape] = (losses, jax.device_get(state["params"]), step.as_text())
+        _RUNS[shape] = (losses, jax.device_get(state.params), step.as_text())
     return _RUNS[shape]
 
 

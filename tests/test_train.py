@@ -11,11 +11,12 @@ from jaxlm import model, sharding, train
 from jaxlm.cli import main as cli
 from jaxlm.config import MeshConfig, OptimConfig, apply_overrides
 from jaxlm.optim import lr_schedule
+from jaxlm.state import create_state, make_tx, state_shardings
 
 
 def _one_device_setup(cfg):
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    state_sh = train.state_shardings(cfg, mesh)
+    state_sh = state_shardings(cfg, mesh)
     return mesh, state_sh, sharding.batch_sharding(mesh)
 
 
@@ -35,7 +36,7 @@ def _fixed_batch(cfg, B=8, seed=0):
 def test_loss_decreases_on_a_fixed_batch(tiny_cfg):
     cfg = apply_overrides(tiny_cfg, {"optim.warmup_steps": "0", "optim.lr": "1e-2", "train.steps": "40"})
     mesh, state_sh, batch_sh = _one_device_setup(cfg)
-    state = train.create_state(cfg, mesh, state_sh)
+    state = create_state(cfg, state_sh)
     step = train.make_train_step(cfg, state_sh, batch_sh)
     batch = _fixed_batch(cfg)
     losses = []
@@ -44,7 +45,7 @@ def test_loss_decreases_on_a_fixed_batch(tiny_cfg):
         losses.append(float(m["loss"]))
     assert losses[0] == pytest.approx(np.log(cfg.model.vocab_size), abs=0.3)
     assert losses[-1] < 0.5 * losses[0], losses  # memorising one batch
-    assert int(state["step"]) == 40
+    assert int(state.step) == 40
 
 
 def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_cfg):
@@ -53,9 +54,9 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_cfg):
     for M in (1, 4):
         cfg = apply_overrides(tiny_cfg, {"train.micro_batches": str(M)})
         mesh, state_sh, batch_sh = _one_device_setup(cfg)
-        state = train.create_state(cfg, mesh, state_sh)
+        state = create_state(cfg, state_sh)
         state, m = train.make_train_step(cfg, state_sh, batch_sh)(state, batch)
-        results.append((float(m["loss"]), float(m["grad_norm"]), jax.device_get(state["params"])))
+        results.append((float(m["loss"]), float(m["grad_norm"]), jax.device_get(state.params)))
     (l1, g1, p1), (l4, g4, p4) = results
     assert l1 == pytest.approx(l4, rel=1e-5) and g1 == pytest.approx(g4, rel=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p4)
@@ -74,7 +75,7 @@ def test_weight_decay_shrinks_exactly_the_matrices(tiny_cfg):
     )
     # + 0.5: zero-initialised biases would hide a decay
     params = jax.tree.map(lambda w: w + 0.5, model.init_params(cfg.model, jax.random.key(0)))
-    tx = train.make_tx(cfg)
+    tx = make_tx(cfg)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     flat_updates = traverse_util.flatten_dict(updates, sep="/")
