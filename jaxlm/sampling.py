@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import model
+from jaxlm import lm, model
 from jaxlm.attention import NO_EXPLICIT_MASK
 from jaxlm.config import ConfigError, ModelConfig
 
@@ -178,8 +178,31 @@ def decode(
     the rest of the row is ``eot_id``, and the loop ends early once every row has stopped."""
     B, P = tokens_BxP.shape
     N = max_new_tokens
-    params = model.cast(params, model.compute_dtype(cfg))  # once, not per step
-    cache = init_cache(cfg, B, P + N - 1, model.compute_dtype(cfg))
+    S = P + N - 1  # slots: the last sampled token is never fed back
+    if lm.get(cfg).kv_cache:
+        params = model.cast(params, model.compute_dtype(cfg))  # once, not per step
+        state = init_cache(cfg, B, S, model.compute_dtype(cfg))
+
+        def forward_at(cache, tokens_BxT, start):
+            """Logits [B, V] of the last of T tokens written at slots [start, start + T)."""
+            x_BxTxD, cache = hidden_cached(params, tokens_BxT, cache, start, pad_B, cfg)
+            return logits(params, x_BxTxD[:, -1], cfg), cache
+    else:
+        # A model without a key/value cache (a user's nnx.Module): the whole window runs forward
+        # for every token. Pad slots form segment 0, which sees only itself; later, unwritten
+        # slots are hidden by causality.
+        full = lm.get(cfg).logits
+        slot_1xS = jnp.arange(S)[None, :]
+        positions_BxS = jnp.maximum(slot_1xS - pad_B[:, None], 0)
+        segments_BxS = (slot_1xS >= pad_B[:, None]).astype(jnp.int32)
+        state = jnp.zeros((B, S), jnp.int32)
+
+        def forward_at(buf_BxS, tokens_BxT, start):
+            buf_BxS = jax.lax.dynamic_update_slice_in_dim(buf_BxS, tokens_BxT.astype(jnp.int32), start, 1)
+            logits_BxSxV = full(params, buf_BxS, positions_BxS, segments_BxS)
+            last = start + tokens_BxT.shape[1] - 1
+            return jax.lax.dynamic_index_in_dim(logits_BxSxV, last, 1, keepdims=False), buf_BxS
+
     # Row r's draw at step i uses fold_in(fold_in(key, r), i): reproducible from the seed.
     row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B))
 
@@ -187,8 +210,8 @@ def decode(
         keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, i)
         return sample_token(keys_B, logits_BxV, temperature, top_k, top_p)
 
-    x_BxPxD, cache = hidden_cached(params, tokens_BxP, cache, jnp.int32(0), pad_B, cfg)
-    tok_B = pick(0, logits(params, x_BxPxD[:, -1], cfg))
+    logits_BxV, state = forward_at(state, tokens_BxP, jnp.int32(0))
+    tok_B = pick(0, logits_BxV)
     out_BxN = jnp.full((B, N), jnp.maximum(eot_id, 0), jnp.int32).at[:, 0].set(tok_B)
     done_B = tok_B == eot_id
 
@@ -197,13 +220,13 @@ def decode(
         return (i < N) & ~jnp.all(done_B)
 
     def step(carry):
-        i, cache, tok_B, done_B, out_BxN = carry
-        x_Bx1xD, cache = hidden_cached(params, tok_B[:, None], cache, P + i - 1, pad_B, cfg)
-        tok_B = jnp.where(done_B, eot_id, pick(i, logits(params, x_Bx1xD[:, 0], cfg)))
+        i, state, tok_B, done_B, out_BxN = carry
+        logits_BxV, state = forward_at(state, tok_B[:, None], P + i - 1)
+        tok_B = jnp.where(done_B, eot_id, pick(i, logits_BxV))
         out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, tok_B[:, None], i, 1)
-        return i + 1, cache, tok_B, done_B | (tok_B == eot_id), out_BxN
+        return i + 1, state, tok_B, done_B | (tok_B == eot_id), out_BxN
 
-    carry = (jnp.int32(1), cache, tok_B, done_B, out_BxN)
+    carry = (jnp.int32(1), state, tok_B, done_B, out_BxN)
     return jax.lax.while_loop(cond, step, carry)[-1]
 
 
@@ -240,10 +263,12 @@ def check_prompts(prompt_tokens: list[list[int]], max_new_tokens: int, cfg: Mode
         if bad:
             raise ConfigError(f"prompt {i} holds token ids {bad[:5]} outside [0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompt_tokens)
-    if cfg.positions == "learned" and longest + max_new_tokens - 1 > cfg.seq_len:
+    # Learned positions end at seq_len; a model without a cache runs its whole window forward.
+    windowed = cfg.positions == "learned" or not lm.get(cfg).kv_cache
+    if windowed and longest + max_new_tokens - 1 > cfg.seq_len:
         raise ConfigError(
             f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs "
-            f"{longest + max_new_tokens - 1} positions but this model learned only model.seq_len="
+            f"{longest + max_new_tokens - 1} positions but this model's window is model.seq_len="
             f"{cfg.seq_len}; lower max_new_tokens to at most {cfg.seq_len - longest + 1} or shorten the "
             "prompt"
         )

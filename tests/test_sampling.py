@@ -273,3 +273,22 @@ def test_cli_eval_reproduces_the_logged_val_loss(tiny_run, capsys, tmp_path):
     assert "holds no prepared data" in capsys.readouterr().err
     assert cli(["eval", "--checkpoint", str(run_path), "--batch-size", "3"]) == 2
     assert "--batch-size=3 must be a positive multiple of the 8 devices" in capsys.readouterr().err
+
+
+def test_a_model_without_a_cache_decodes_by_full_forward_to_the_same_tokens(monkeypatch):
+    """The path for models without a key/value cache (Flax NNX modules): the whole window runs
+    forward per token, left padding as segment 0. On the built-in model with its cache switched
+    off it must pick the same greedy tokens as the cached decode, for prompts of different lengths."""
+    from jaxlm import lm
+
+    # A config of its own: decode is jitted on cfg, and the patched interface must be traced afresh.
+    cfg = dataclasses.replace(BASE, **VARIANTS["rope-rmsnorm-swiglu-gqa"], init_std=0.5)
+    params = model.init_params(cfg, jax.random.key(7))
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [42]]
+    cached = sampling.generate(params, cfg, prompts, 12, temperature=0.0)
+    uncached = dataclasses.replace(lm.get(cfg), kv_cache=False)
+    monkeypatch.setattr(lm, "get", lambda c: uncached if c == cfg else lm.get.__wrapped__(c))
+    full = sampling.generate(params, cfg, prompts, 12, temperature=0.0)
+    assert full == cached and len({tuple(r) for r in full}) > 1
+    with pytest.raises(ConfigError, match="window is model.seq_len=32"):
+        sampling.generate(params, cfg, prompts, 30, temperature=0.0)  # 7 + 30 - 1 > 32
