@@ -1,11 +1,12 @@
 """The benchmark's arithmetic (FLOP count, peaks, rates), the compile-time/memory levers it relies on,
-and its profile summary."""
+its profile summary, and benchmarks/gpu_suite.sh run end to end in its CPU dry run."""
 
 import dataclasses
 import gzip
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import jax
@@ -283,3 +284,99 @@ def test_trace_top_ops_counts_each_op_once_and_only_its_own_time(tmp_path):
     r = bench.trace_top_ops(tmp_path / "kernels.json.gz")
     assert r["source"] == "device kernels" and r["top_ops"][0]["op"] == "fusion.1"
     assert r["op_ms_per_step"] == pytest.approx(0.030, rel=F64_FEW_OPS)
+
+
+def _suite(*args, env=None):
+    import os
+
+    env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+
+
+def test_gpu_suite_refuses_bad_arguments_and_a_machine_without_a_gpu(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "summary.json").write_text('{"earlier": "results"}')
+    run = _suite("--dry-run", done)
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and "summary.json" in run.stderr
+    assert (done / "summary.json").read_text() == '{"earlier": "results"}'  # left as it was
+    run = _suite("--fast", tmp_path / "x")
+    assert run.returncode == 2 and "unknown option '--fast'" in run.stderr
+    run = _suite(env={"OUT": ""})
+    assert run.returncode == 2 and "no OUTDIR" in run.stderr
+    # the real run on this CPU: refused before any benchmark, what it found still returned
+    out = tmp_path / "real"
+    run = _suite(out)
+    assert run.returncode == 3 and "error: no GPU here (jax backend 'cpu')" in run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "suite.log"]
+
+
+def test_gpu_suite_dry_run_runs_every_item_and_returns_few_files(tmp_path):
+    """benchmarks/gpu_suite.sh --dry-run: every item end to end on the CPU at tiny shapes."""
+    out = tmp_path / "out"
+    run = _suite("--dry-run", out)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # what the device tool returns: at most 8 files, no folders
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["profile.trace.json.gz", "results.tar.gz", "suite.log", "summary.json"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    s = json.loads((out / "summary.json").read_text())
+    assert s["mode"] == "dry-run" and all(i["status"] == "ok" for i in s["items"].values()), s["items"]
+    for item in s["items"]:  # one JSON and one log per item
+        assert {f"{item}.json", f"{item}.log"} <= names, item
+
+    # 1. parity: the CPU backends agree (bf16 here); cuDNN is refused, with the reason, not dropped
+    p = s["attention_parity"]
+    assert p["all_ok"] and "needs a GPU" in p["cudnn_causal"]["refused"]
+    assert "needs a GPU" in p["cudnn_packed"]["refused"] and p["cudnn_mask_probe"]["probe"]
+    # 2, 3. the sweeps: every point measured, the best one named; no MFU (a CPU has no table peak)
+    assert len(s["gpt2_124m"]["points"]) == 2 and len(s["llama_1b"]["points"]) == 1
+    for key in ("gpt2_124m", "llama_1b"):
+        m = s[key]
+        best = max(m["points"], key=lambda r: r["tokens_per_s_per_device"])
+        assert m["best"] == best["name"] and m["best_mfu"] is None and m["meets_target"] is None
+        assert all(r["tokens_per_s_per_device"] > 0 and r["mfu"] is None for r in m["points"])
+    # 4. the profile: of the fastest 124M point, naming the train step and its ops
+    prof = s["profile"]
+    assert prof["point"] == s["gpt2_124m"]["best"]
+    assert prof["file"] == "profile.trace.json.gz" and "jit_train_step" in prof["modules"]
+    assert len(prof["top_ops"]) == 15 and all(o["ms_per_step"] > 0 for o in prof["top_ops"])
+    assert sum(o["fraction"] for o in prof["top_ops"]) <= 1
+    assert bench.trace_top_ops(out / "profile.trace.json.gz", steps=3)["top_ops"] == prof["top_ops"]
+    log = (out / "suite.log").read_text()
+    assert prof["top_ops"][0]["op"] in log and "top 15 ops" in log
+    # 5. decode (one batch size in the dry run)
+    assert [r["batch"] for r in s["decode"]["rows"]] == [2]
+    assert all(r["new_tokens_per_s"] > 0 for r in s["decode"]["rows"])
+
+
+def test_gpu_suite_plan_fits_eight_minutes_and_its_overrides_are_valid():
+    """The real run's commands, without a GPU: a typo in an override must not cost GPU time."""
+    run = _suite("--plan")
+    assert run.returncode == 0, run.stderr
+    lines = [line.split("\t") for line in run.stdout.splitlines()]
+    items = {name: int(limit) for name, limit, _ in lines if not name.startswith(("gpt2_124m_", "llama_1b_"))}
+    assert list(items) == ["env", "parity", "gpt2_124m", "llama_1b", "profile", "decode"]
+    assert sum(items.values()) <= 8 * 60 - 10  # 10 s left for the summary and the packing
+    swept: dict[str, set] = {}
+    for name, _, command in lines:
+        if " bench " not in command:
+            continue
+        args = command.split()
+        cfg = load_config(args[args.index("bench") + 1], args[args.index("--set") + 1 :])  # or ConfigError
+        assert cfg.model.compute_dtype == "bfloat16"
+        if "--attention-parity" not in args:
+            assert cfg.model.attention == "auto"
+            # the preset's own shape (seq 1024 for GPT-2, 2048 for llama-1b), only the sweep's keys changed
+            assert dataclasses.replace(cfg.model, remat="none", compute_dtype="auto") == PRESETS[cfg.name], (
+                name
+            )
+            swept.setdefault(cfg.name, set()).add((cfg.train.batch_size, cfg.model.remat))
+    for preset_name in ("gpt2-124m", "llama-1b"):  # over two batch sizes and two remat settings
+        batches, remats = zip(*swept[preset_name], strict=True)
+        assert len(set(batches)) >= 2 and len(set(remats)) >= 2, swept
+    assert "--batch 1 64" in dict((n, c) for n, _, c in lines)["decode"]
