@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                       # GPT-2 124M, batch 1 and 8, 128 new tokens
     python benchmarks/bench_decode.py --preset tiny --new-tokens 32   # quick look
+    python benchmarks/bench_decode.py --batch 1 64 --json decode.json  # also the figures as JSON
 
 Random-init weights (speed does not depend on them); random prompts of --prompt-len tokens; no
 end-of-document token, so every row decodes all new tokens. Each configuration is compiled and
@@ -12,6 +13,7 @@ included, host transfer included); the best run is reported with the median besi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -33,6 +35,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON here")
     args = p.parse_args()
 
     cfg = preset(args.preset)
@@ -45,6 +48,17 @@ def main() -> None:
         f"{os.cpu_count()} cpus, load avg {load:.1f} | prompt {args.prompt_len}, {args.new_tokens} new "
         f"tokens, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}"
     )
+    result = {
+        "preset": args.preset,
+        "params": model.count_params(cfg),
+        "compute_dtype": model.compute_dtype(cfg).name,
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
+        "repeats": args.repeats,
+        "rows": [],
+    }
     rng = np.random.default_rng(0)
     for B in args.batch:
         prompts = rng.integers(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
@@ -69,6 +83,18 @@ def main() -> None:
             f"batch {B:3d}: {n / best:8.1f} new tokens/s (median {n / med:.1f}) | "
             f"{best / args.new_tokens * 1e3:7.1f} ms per step | first call with compile {first:.1f}s"
         )
+        result["rows"].append(
+            {
+                "batch": B,
+                "new_tokens_per_s": n / best,
+                "median_new_tokens_per_s": n / med,
+                "ms_per_step": best / args.new_tokens * 1e3,
+                "first_call_s": first,
+            }
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

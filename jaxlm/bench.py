@@ -21,10 +21,13 @@ counted over the full T x T square as PaLM does, though a causal mask makes half
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
 import json
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -169,18 +172,36 @@ def peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS (no device stats)"
 
 
-def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, matmul_n: int | None = None) -> dict[str, Any]:
-    """Compile and time the train step; returns the figures ``report`` prints."""
+def run_bench(
+    cfg: Config,
+    steps: int = 10,
+    warmup: int = 2,
+    matmul_n: int | None = None,
+    profile_dir: str | None = None,
+    ceiling: bool = True,
+) -> dict[str, Any]:
+    """Compile and time the train step; returns the figures ``report`` prints. With ``profile_dir``,
+    ``PROFILE_STEPS`` more steps are traced there after the timed ones (see ``profile_steps``);
+    ``ceiling=False`` skips the "matmuls alone" ceiling (dozens of small compiles; a sweep needs
+    it once, for its best point)."""
     if steps < 1 or warmup < 0:
         raise ConfigError(f"bench: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, lm.get(cfg.model).decls, mesh)
     sharding.micro_batch_rows(cfg.train, mesh)  # refuses a batch the mesh cannot split evenly
     with jax.set_mesh(mesh):  # scoped: a benchmark must not leave a global mesh behind
-        return _timed_run(cfg, mesh, steps, warmup, matmul_n)
+        return _timed_run(cfg, mesh, steps, warmup, matmul_n, profile_dir, ceiling)
 
 
-def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None) -> dict[str, Any]:
+def _timed_run(
+    cfg: Config,
+    mesh,
+    steps: int,
+    warmup: int,
+    matmul_n: int | None,
+    profile_dir: str | None,
+    ceiling: bool,
+) -> dict[str, Any]:
     state_sh = state_shardings(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     state = create_state(cfg, state_sh)
@@ -202,6 +223,9 @@ def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None)
             times.append(time.perf_counter() - t)
     donated = all(x.is_deleted() for x in jax.tree.leaves(first))  # updated in place, no second copy
     del first
+    profile = None
+    if profile_dir is not None:  # after the timed steps, so tracing costs them nothing
+        state, metrics, profile = profile_steps(step, state, batch, profile_dir)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"bench: loss is {loss}; the benchmark step is broken")
@@ -218,7 +242,7 @@ def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None)
     n = matmul_n or (2048 if dev.platform == "cpu" else 8192)
     measured = matmul_tflops(n, cdtype)
     rows = sharding.micro_batch_rows(cfg.train, mesh)
-    ceiling = matmul_ceiling(cfg.model, rows, mesh.shape["tensor"], cdtype, measured)
+    c = matmul_ceiling(cfg.model, rows, mesh.shape["tensor"], cdtype, measured) if ceiling else None
     mem_gib, mem_kind = peak_memory()
     return {
         "name": cfg.name,
@@ -244,15 +268,126 @@ def _timed_run(cfg: Config, mesh, steps: int, warmup: int, matmul_n: int | None)
         "mfu": tflops_dev / peak if peak else None,
         "matmul": {"n": n, "dtype": jnp.dtype(cdtype).name, "tflops": measured},
         "fraction_of_matmul_peak": tflops_dev / measured,
-        "matmul_ceiling": {
-            "tflops": ceiling["tflops"],
-            "fraction_of_matmul_peak": ceiling["tflops"] / measured,
-            "step_fraction": tflops_dev / ceiling["tflops"],
+        "matmul_ceiling": None
+        if c is None
+        else {
+            "tflops": c["tflops"],
+            "fraction_of_matmul_peak": c["tflops"] / measured,
+            "step_fraction": tflops_dev / c["tflops"],
         },
         "peak_memory_gib": mem_gib,
         "peak_memory_kind": mem_kind,
         "loss": loss,
+    } | ({"profile": profile} if profile else {})
+
+
+# ============================================================================================
+# Profile: a few steps under jax.profiler, and the ops that took the time, read from the trace.
+# ============================================================================================
+
+PROFILE_STEPS = 3  # enough to see every op of the step; few, so the trace stays a small file
+
+
+def profile_steps(step, state, batch, log_dir: str):
+    """Run ``PROFILE_STEPS`` steps under ``jax.profiler.trace``; (state, metrics, the trace's summary).
+
+    The trace goes to ``log_dir/plugins/profile/<time>/`` (a new folder each time, nothing
+    overwritten), readable by TensorBoard/XProf (``*.xplane.pb``) and by ui.perfetto.dev
+    (``perfetto_trace.json.gz``), which ``trace_top_ops`` also reads."""
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(PROFILE_STEPS):
+            state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+    newest = max((Path(log_dir) / "plugins" / "profile").iterdir(), key=lambda p: p.stat().st_mtime)
+    trace = newest / "perfetto_trace.json.gz"  # written by JAX, or the trace call raised
+    summary = {"trace": str(trace), "steps": PROFILE_STEPS} | trace_top_ops(trace, steps=PROFILE_STEPS)
+    return state, metrics, summary
+
+
+def trace_top_ops(path: str | Path, n: int = 15, steps: int = 1) -> dict[str, Any]:
+    """The ``n`` XLA ops that took the most time in a Chrome/Perfetto trace (``*.json.gz``).
+
+    An op is a complete event ("ph": "X") naming its HLO instruction (``args.hlo_op``); its time is
+    its own (less the ops nested in it, see ``_self_times``), summed over its calls (once per layer
+    in the layer scan). Where the trace has devices (``/device:...``
+    processes, GPU or TPU), only device time counts, and of it the ``XLA Ops`` line when there is
+    one (one event per op, where the stream lines have one per kernel: counting both would count
+    twice); on a CPU, ops run on host threads. ``modules`` names the XLA programs seen
+    (``jit_train_step`` for the train step).
+    """
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    meta = [e for e in events if e.get("ph") == "M"]
+    process = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+    def line(e):
+        return thread.get((e["pid"], e.get("tid")), "")
+
+    device = [e for e in spans if process.get(e["pid"], "").startswith("/device:")]
+    xla_ops = [e for e in device if line(e) == "XLA Ops"]
+    if xla_ops:
+        ops, source = xla_ops, "device 'XLA Ops' line"
+    else:
+        has_op = [e for e in device or spans if "hlo_op" in e.get("args", {})]
+        ops, source = has_op, "device kernels" if device else "host threads"
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e, self_us in _self_times(ops):
+        total = totals[e.get("args", {}).get("hlo_op") or e["name"]]
+        total[0] += self_us
+        total[1] += 1
+    all_us = sum(t for t, _ in totals.values())
+    modules = {e["args"]["hlo_module"] for e in spans if "hlo_module" in e.get("args", {})}
+    modules |= {e["name"] for e in device if line(e) == "XLA Modules"}
+    top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:n]
+    return {
+        "source": source,
+        "modules": sorted(modules),
+        "op_ms_per_step": all_us / 1e3 / steps,
+        "top_ops": [
+            {
+                "op": op,
+                "ms_per_step": t / 1e3 / steps,
+                "calls_per_step": c / steps,
+                "fraction": t / (all_us or 1),
+            }
+            for op, (t, c) in top
+        ],
     }
+
+
+def _self_times(events: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """Each event with its duration (microseconds) less that of the events nested in it on its own
+    thread: a ``while`` op (the layer scan) encloses its body's ops, which are counted themselves."""
+    out: list[list[Any]] = []
+    by_line: dict[tuple[Any, Any], list[dict[str, Any]]] = collections.defaultdict(list)
+    for e in events:
+        by_line[e["pid"], e.get("tid")].append(e)
+    for line in by_line.values():
+        open_: list[tuple[float, list[Any]]] = []  # (end, entry) of the events enclosing the current one
+        for e in sorted(line, key=lambda e: (e["ts"], -e["dur"])):
+            while open_ and open_[-1][0] <= e["ts"]:
+                open_.pop()
+            entry = [e, e["dur"]]
+            if open_:
+                open_[-1][1][1] -= e["dur"]  # only the innermost parent: it holds e directly
+            open_.append((e["ts"] + e["dur"], entry))
+            out.append(entry)
+    return [(e, max(us, 0.0)) for e, us in out]
+
+
+def top_ops_report(p: dict[str, Any]) -> str:
+    lines = [
+        f"  profile          {p['steps']} steps traced: {p['trace']}",
+        f"  top {len(p['top_ops'])} ops        of {p['op_ms_per_step']:.3f} ms of ops a step ({p['source']}; "
+        f"modules: {', '.join(p['modules']) or 'none named'})",
+    ]
+    for o in p["top_ops"]:
+        lines.append(
+            f"    {o['ms_per_step']:9.3f} ms {100 * o['fraction']:5.1f}% x{o['calls_per_step']:<5g} {o['op']}"
+        )
+    return "\n".join(lines)
 
 
 # Largest error, relative to the largest reference value, that counts as agreement.
@@ -268,8 +403,13 @@ def attention_parity(cfg: ModelConfig, rows: int = 2, repeats: int = 5) -> list[
     backward time. A backend this device or dtype cannot run, or that cannot honour the request,
     is listed with the reason it was refused. This is how the GPU/TPU-only kernels (cudnn, splash)
     are checked where they exist; on a CPU it checks reference, blockwise and xla.
+
+    One more row, ``cudnn+mask`` on packed batches (``"probe": True``, never a failure of the
+    check): JAX's cuDNN kernel given the document mask as an explicit mask, which the ``cudnn``
+    backend refuses to rely on. On a GPU it says whether that kernel keeps the documents separate
+    (agrees with the reference) in this JAX version, or the error it raised.
     """
-    from jaxlm.attention import BACKENDS, attend, resolve_backend
+    from jaxlm.attention import BACKENDS, attend, document_causal_mask, resolve_backend
 
     T, H, G, K = cfg.seq_len, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     dtype = model.compute_dtype(cfg)
@@ -284,12 +424,9 @@ def attention_parity(cfg: ModelConfig, rows: int = 2, repeats: int = 5) -> list[
     )["segment_ids"]
     tol = PARITY_TOLERANCE[jnp.dtype(dtype).name]
 
-    def fwd_bwd(backend, seg, compute):
+    def fwd_bwd(attn, compute):
         def f(q, k, v):
-            o = attend(
-                q.astype(compute), k.astype(compute), v.astype(compute), backend=backend, segment_ids_BxT=seg
-            )
-            return o.astype(jnp.float32)
+            return attn(q.astype(compute), k.astype(compute), v.astype(compute)).astype(jnp.float32)
 
         def run(q, k, v):
             o, pullback = jax.vjp(f, q, k, v)
@@ -297,24 +434,41 @@ def attention_parity(cfg: ModelConfig, rows: int = 2, repeats: int = 5) -> list[
 
         return jax.jit(run)
 
-    results = []
-    for kind, seg in (("causal", None), ("packed", jnp.asarray(packed))):
-        want = fwd_bwd("reference", seg, jnp.float32)(q, k, v)
-        for backend in BACKENDS:
-            row: dict[str, Any] = {"backend": backend, "batch": kind, "dtype": jnp.dtype(dtype).name}
+    def measure(attn, want) -> dict[str, Any]:
+        f = fwd_bwd(attn, dtype)
+        got = f(q, k, v)
+        errors = {
+            name: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+            for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True)
+        }
+        seconds = _best_seconds(f, q, k, v, repeats=repeats)
+        return {"errors": errors, "ok": max(errors.values()) <= tol, "ms": 1e3 * seconds}
+
+    def backend(name, seg):
+        return lambda q, k, v: attend(q, k, v, backend=name, segment_ids_BxT=seg)
+
+    results, want, seg_packed = [], {}, jnp.asarray(packed)
+    for kind, seg in (("causal", None), ("packed", seg_packed)):
+        want[kind] = fwd_bwd(backend("reference", seg), jnp.float32)(q, k, v)
+        for name in BACKENDS:
+            row: dict[str, Any] = {"backend": name, "batch": kind, "dtype": jnp.dtype(dtype).name}
             try:
-                resolve_backend(backend, segment_ids=seg is not None, dtype=dtype, seq_len=T)
+                resolve_backend(name, segment_ids=seg is not None, dtype=dtype, seq_len=T)
             except ConfigError as e:
                 results.append(row | {"refused": str(e)})
                 continue
-            f = fwd_bwd(backend, seg, dtype)
-            got = f(q, k, v)
-            errors = {
-                name: float(jnp.abs(a - b).max() / jnp.abs(b).max())
-                for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True)
-            }
-            seconds = _best_seconds(f, q, k, v, repeats=repeats)
-            results.append(row | {"errors": errors, "ok": max(errors.values()) <= tol, "ms": 1e3 * seconds})
+            results.append(row | measure(backend(name, seg), want[kind]))
+
+    probe = {"backend": "cudnn+mask", "batch": "packed", "dtype": jnp.dtype(dtype).name, "probe": True}
+    if jax.default_backend() != "gpu":
+        results.append(probe | {"refused": f"needs a GPU, but this run is on {jax.default_backend()!r}"})
+        return results
+    mask_Bx1xTxS = document_causal_mask(seg_packed, seg_packed)[:, None]
+    masked = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, implementation="cudnn")
+    try:
+        results.append(probe | measure(masked, want["packed"]))
+    except Exception as e:  # a probe reports whatever JAX raised (unsupported shape, mask, version)
+        results.append(probe | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
     return results
 
 
@@ -322,8 +476,11 @@ def parity_report(results: list[dict[str, Any]]) -> str:
     lines = ["attention backends against the float32 reference (error: max |diff| / max |reference|)"]
     for r in results:
         head = f"  {r['backend']:<10} {r['batch']:<7} {r['dtype']:<9}"
-        if "refused" in r:
-            lines.append(f"{head} refused: {r['refused']}")
+        head += " (probe)" if r.get("probe") else ""
+        if "refused" in r or "error" in r:
+            lines.append(
+                f"{head} {'refused' if 'refused' in r else 'error'}: {r.get('refused', r.get('error'))}"
+            )
             continue
         e = r["errors"]
         errs = "  ".join(f"{k} {v:.1e}" for k, v in e.items())
@@ -335,6 +492,12 @@ def report(r: dict[str, Any]) -> str:
     s, c = r["step_s"], r["matmul_ceiling"]
     mfu = (
         f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else "n/a (no table peak)"
+    )
+    alone = (
+        "not measured (--skip-ceiling)"
+        if c is None
+        else f"{c['tflops']:.3f} TFLOP/s ({100 * c['fraction_of_matmul_peak']:.1f}% of the peak): the "
+        f"step's own matmul shapes timed alone; step reaches {100 * c['step_fraction']:.1f}% of it"
     )
     return "\n".join(
         [
@@ -352,11 +515,10 @@ def report(r: dict[str, Any]) -> str:
             f"  MFU              {mfu} TFLOP/s",
             f"  matmul peak      {r['matmul']['tflops']:.3f} TFLOP/s measured ({r['matmul']['n']}^3 "
             f"{r['matmul']['dtype']}); step reaches {100 * r['fraction_of_matmul_peak']:.1f}% of it",
-            f"  matmuls alone    {c['tflops']:.3f} TFLOP/s ({100 * c['fraction_of_matmul_peak']:.1f}% of "
-            f"the peak): the step's own matmul shapes timed alone; step reaches "
-            f"{100 * c['step_fraction']:.1f}% of it",
+            f"  matmuls alone    {alone}",
             f"  peak memory      {r['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})",
         ]
+        + ([top_ops_report(r["profile"])] if "profile" in r else [])
     )
 
 
@@ -365,12 +527,15 @@ def bench_main(args: argparse.Namespace) -> int:
     from jaxlm.config import load_config
 
     cfg = load_config(args.experiment, args.set)
+    if args.attention_parity and args.profile:
+        raise ConfigError("--profile traces the train step, which --attention-parity does not run; drop one")
     if args.attention_parity:
         r: Any = attention_parity(cfg.model)
         print(parity_report(r))
-        code = 0 if all(x.get("ok", True) for x in r) else 1
+        code = 0 if all(x.get("ok", True) for x in r if not x.get("probe")) else 1
     else:
-        r, code = run_bench(cfg, args.steps, args.warmup, args.matmul_n), 0
+        r = run_bench(cfg, args.steps, args.warmup, args.matmul_n, args.profile, not args.skip_ceiling)
+        code = 0
         print(report(r))
     if args.json:
         with open(args.json, "w") as f:

@@ -140,6 +140,18 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="instead of the step: check every attention backend on this device against the reference "
         "at the experiment's shapes and dtype (exit 1 if one disagrees)",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after the timed steps, trace 3 more with jax.profiler into DIR and print the 15 ops that "
+        "took the most time (default: no trace)",
+    )
+    p.add_argument(
+        "--skip-ceiling",
+        action="store_true",
+        help="do not time the step's matmul shapes alone ('matmuls alone'): quicker, e.g. for a sweep",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:

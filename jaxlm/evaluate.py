@@ -16,7 +16,6 @@ import jax
 
 from jaxlm import checkpoint, lm, sharding
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import pipeline
 from jaxlm.data.prepare import DataError
 
 SPLITS = ("val", "train")
@@ -54,6 +53,8 @@ def evaluate_checkpoint(
     (0: the whole split) and ``batch_size`` to its per-micro-batch batch size. Runs on every
     device, params split over fsdp as far as the model allows (``sharding.loading_mesh``).
     """
+    from jaxlm.data import pipeline  # grain: imported where needed, so the trainer's importers stay light
+
     if split not in SPLITS:
         raise ConfigError(f"--split {split!r} is not valid; choose one of {list(SPLITS)}")
     cfg, params, step, mesh = checkpoint.load_params(path)

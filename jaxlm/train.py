@@ -13,7 +13,6 @@ import optax
 
 from jaxlm import checkpoint, distributed, lm, sharding
 from jaxlm.config import Config, ConfigError, to_dict
-from jaxlm.data import pipeline
 from jaxlm.evaluate import make_eval_step, mean_loss
 from jaxlm.metrics import RunLogger, write_json
 from jaxlm.optim import lr_schedule
@@ -98,6 +97,10 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
 
 
 def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> dict[str, Any]:
+    # Imported here, not at the top: the data pipeline needs grain, and what imports this module
+    # for its state and step alone (jaxlm bench, on synthetic tokens) must run where grain is absent.
+    from jaxlm.data import pipeline
+
     t, pid = cfg.train, jax.process_index()
 
     # ---- what the run directory already holds -------------------------------------------------
