@@ -28,6 +28,7 @@ from jaxlm.state import abstract_state, fresh_opt_state, state_shardings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.py"
+NNX = ROOT / "experiments" / "nnx_gpt.py"  # a Flax NNX module: the same guarantees must hold
 STEPS = 40
 
 
@@ -47,8 +48,8 @@ def _sets(tiny_data: str, run_dir: Path, name: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
 
-def _cfg(tiny_data: str, run_dir: Path, name: str, **extra):
-    return load_config(TINY, _sets(tiny_data, run_dir, name, **extra))
+def _cfg(tiny_data: str, run_dir: Path, name: str, experiment: Path = TINY, **extra):
+    return load_config(experiment, _sets(tiny_data, run_dir, name, **extra))
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -62,10 +63,10 @@ def _assert_trees_equal(a, b) -> None:
         np.testing.assert_array_equal(x, y)
 
 
-def _spawn(sets: list[str]) -> subprocess.Popen:
-    """`jaxlm train experiments/tiny.py --set ...` in a fresh process (8 fake devices, like here)."""
+def _spawn(sets: list[str], experiment: Path = TINY) -> subprocess.Popen:
+    """`jaxlm train EXPERIMENT --set ...` in a fresh process (8 fake devices, like here)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "jaxlm.cli", "train", str(TINY), "--set", *sets],
+        [sys.executable, "-m", "jaxlm.cli", "train", str(experiment), "--set", *sets],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -95,15 +96,33 @@ def reference_run(tiny_data, tmp_path_factory) -> Path:
     return runs / "ref"
 
 
+@pytest.fixture(scope="module")
+def nnx_reference_run(tiny_data, tmp_path_factory) -> Path:
+    """The same uninterrupted run of experiments/nnx_gpt.py."""
+    runs = tmp_path_factory.mktemp("nnx_reference")
+    assert train.run(_cfg(tiny_data, runs, "ref", NNX))["status"] == "finished"
+    return runs / "ref"
+
+
 # --------------------------------------------------------------------------------------------
 # Interrupted runs continue exactly.
 # --------------------------------------------------------------------------------------------
 
 
 def test_kill9_at_a_random_step_then_resume_reproduces_the_loss_curve(tiny_data, tmp_path, reference_run):
+    _kill9_then_resume(tiny_data, tmp_path, reference_run, TINY)
+
+
+def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, nnx_reference_run):
+    _kill9_then_resume(tiny_data, tmp_path, nnx_reference_run, NNX)
+
+
+def _kill9_then_resume(tiny_data, tmp_path, reference_run, experiment: Path) -> None:
+    """SIGKILL at a random step, resume: the loss curve and final params equal the uninterrupted
+    run's bit for bit (one program, one machine)."""
     kill_after = random.randint(5, 14)
     run = tmp_path / "killed"
-    proc = _spawn(_sets(tiny_data, tmp_path, "killed"))
+    proc = _spawn(_sets(tiny_data, tmp_path, "killed"), experiment)
     try:
         _read_until(proc, lambda s: s >= kill_after and checkpoint.complete_steps(run / "checkpoints"))
         proc.send_signal(signal.SIGKILL)
@@ -115,7 +134,7 @@ def test_kill9_at_a_random_step_then_resume_reproduces_the_loss_curve(tiny_data,
     resumed_from = checkpoint.complete_steps(run / "checkpoints")[-1]
     assert kill_after <= max(before) < STEPS
 
-    summary = train.run(_cfg(tiny_data, tmp_path, "killed"), resume=True)
+    summary = train.run(_cfg(tiny_data, tmp_path, "killed", experiment), resume=True)
     assert summary["status"] == "finished"
     assert f"resumed from {run / 'checkpoints' / str(resumed_from)}" in (run / "log.txt").read_text()
     ref, got = _losses(reference_run), _losses(run)
