@@ -8,7 +8,6 @@ run logged as val loss at that step.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from jaxlm import checkpoint, model, sharding, train
 from jaxlm.config import ConfigError, MeshConfig
 from jaxlm.data import pipeline
 from jaxlm.data.prepare import DataError
+from jaxlm.metrics import perplexity
 
 SPLITS = ("val", "train")
 
@@ -77,7 +77,7 @@ def evaluate_checkpoint(
         "split": split,
         "data": str(data_cfg.dir),
         "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+        "perplexity": perplexity(loss),
         "batches": n_batches,
         "batch_size": global_batch,
     }

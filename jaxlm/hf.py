@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from jaxlm.config import Config, ConfigError, MeshConfig, ModelConfig
-from jaxlm.metrics import write_json
+from jaxlm.files import write_json
 
 # ============================================================================================
 # Which transformers architecture represents a model.
