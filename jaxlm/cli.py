@@ -251,7 +251,6 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory (latest step) or one step directory")
-    p.add_argument("--format", default="hf", choices=("hf",), help="output format (hf: transformers)")
     p.add_argument("--out", required=True, help="new directory for from_pretrained")
     p.add_argument("--max-shard-size", default="2GB", help="split weights into files of at most this")
     p.add_argument(
@@ -277,12 +276,14 @@ def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override non-model fields")
 
 
-def _hf(name: str) -> Callable[[argparse.Namespace], int]:
+def _hf(module: str) -> Callable[[argparse.Namespace], int]:
+    """The command whose ``main(args)`` is ``jaxlm.hf.<module>.main``."""
+
     def run(args: argparse.Namespace) -> int:
-        from jaxlm import hf
+        import importlib
 
         try:
-            return getattr(hf, name)(args)
+            return importlib.import_module(f"jaxlm.hf.{module}").main(args)
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -335,14 +336,14 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
         "Write a checkpoint as a Hugging Face transformers model (GPT2LMHeadModel or LlamaForCausalLM) "
         "with safetensors weights and, for BPE tokenizers, the tokenizer files.",
         _export_args,
-        _hf("export_main"),
+        _hf("export"),
     ),
     "import": (
         "turn a Hugging Face GPT-2/Llama directory into a run",
         "Turn a local Hugging Face GPT-2 or Llama directory (config.json + safetensors) into a jaxlm run "
         "with a step-0 checkpoint that `jaxlm train --resume`, sampling and eval accept.",
         _import_args,
-        _hf("import_main"),
+        _hf("importer"),
     ),
 }
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import traceback
 import types
 import typing
@@ -322,18 +321,6 @@ def _check_type(key: str, value: Any, tp: Any) -> None:
         raise ConfigError(f"{key}={value!r} has type {type(value).__name__}; expected {tp.__name__}")
 
 
-def valid_keys() -> list[str]:
-    keys = []
-    for name, f in _SECTIONS.items():
-        if dataclasses.is_dataclass(
-            f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        ):
-            keys += [f"{name}.{sub.name}" for sub in dataclasses.fields(f.default_factory)]
-        else:
-            keys.append(name)
-    return keys
-
-
 def _locate(cfg: Config, key: str) -> tuple[str, str | None, Any]:
     """Split ``key`` into (section, field) and return its declared type, or raise naming choices."""
     section, _, name = key.partition(".")
@@ -519,10 +506,6 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) ->
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def to_json(cfg: Config) -> str:
-    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
 def from_dict(d: dict[str, Any]) -> Config:

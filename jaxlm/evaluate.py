@@ -8,7 +8,6 @@ run logged as val loss at that step.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import jax
 from jaxlm import checkpoint, lm, sharding
 from jaxlm.config import Config, ConfigError
 from jaxlm.data.prepare import DataError
+from jaxlm.metrics import perplexity
 
 SPLITS = ("val", "train")
 
@@ -96,7 +96,7 @@ def evaluate_checkpoint(
         "split": split,
         "data": str(data_cfg.dir),
         "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+        "perplexity": perplexity(loss),
         "batches": n_batches,
         "batch_size": global_batch,
     }

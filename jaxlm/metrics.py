@@ -3,9 +3,8 @@ lines otherwise. Only process 0 writes."""
 
 from __future__ import annotations
 
-import json
+import math
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -65,15 +64,13 @@ class RunLogger:
         self.log_file.close()
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so a diverging run still logs a finite number."""
+    return math.exp(min(loss, 50.0))
+
+
 def format_metrics(step: int, m: dict[str, float]) -> str:
     return (
         f"step {step:6d} | loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | grad_norm {m['grad_norm']:.3f}"
         f" | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | {m['step_time'] * 1000:.0f} ms/step"
     )
-
-
-def write_json(path: Path, obj) -> None:
-    """Write via a temp file and rename, so a crash never leaves half a JSON file."""
-    tmp = path.with_suffix(path.suffix + f".tmp{time.time_ns()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)

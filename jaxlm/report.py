@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 from jaxlm.config import ConfigError
+from jaxlm.files import read_json
 
 TAGS = ("train/loss", "val/loss", "train/tokens_per_s")
 Curve = list[tuple[int, float]]  # (step, value) in step order
@@ -99,21 +99,14 @@ def _run_dirs(path: Path) -> list[Path]:
     return dirs
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def load(path: str | Path) -> list[RunResult]:
     """Every run under ``path``, best final val loss first (runs without one last)."""
     results = []
     for d in _run_dirs(Path(path)):
-        summary = _read_json(d / "summary.json")
+        summary = read_json(d / "summary.json") or {}
         curves = read_curves(d / "tb")
         status = summary.get("status") or ("interrupted" if curves else "pending")
-        record = _read_json(d / "overrides.json")  # JSON objects lose key order; "keys" keeps it
+        record = read_json(d / "overrides.json") or {}  # JSON objects lose key order; "keys" keeps it
         overrides = {k: record["overrides"][k] for k in record.get("keys", record.get("overrides", {}))}
         results.append(RunResult(d.name, overrides, status, curves, summary.get("error") or ""))
     return sorted(results, key=lambda r: (r.val_loss is None, r.val_loss or 0.0, r.name))

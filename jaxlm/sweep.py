@@ -42,7 +42,7 @@ from jaxlm.config import (
     parse_set_args,
     to_dict,
 )
-from jaxlm.metrics import write_json
+from jaxlm.files import read_json, write_json
 
 Overrides = dict[str, Any]  # {"section.field": value}
 RESERVED = ("name", "train.run_dir")  # the sweep sets these for every run
@@ -244,10 +244,7 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / SUMMARY).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return read_json(path / SUMMARY)
 
 
 def is_finished(run: Run) -> bool:
@@ -258,9 +255,8 @@ def is_finished(run: Run) -> bool:
 def config_changes(run: Run) -> list[str]:
     """Fields whose value in the run's saved ``config.json`` differs from the expansion's (e.g. after
     the experiment file was edited), as ``section.field: old -> new``."""
-    try:
-        saved = json.loads((run.path / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    saved = read_json(run.path / "config.json")
+    if saved is None:
         return []
     now = json.loads(json.dumps(to_dict(run.cfg)))  # tuples as lists, like the saved file
     return [

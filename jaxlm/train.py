@@ -14,7 +14,8 @@ import optax
 from jaxlm import checkpoint, distributed, lm, sharding
 from jaxlm.config import Config, ConfigError, to_dict
 from jaxlm.evaluate import make_eval_step, mean_loss
-from jaxlm.metrics import RunLogger, write_json
+from jaxlm.files import write_json
+from jaxlm.metrics import RunLogger, perplexity
 from jaxlm.optim import lr_schedule
 from jaxlm.state import TrainState, abstract_state, create_state, fresh_opt_state, make_tx, state_shardings
 
@@ -198,7 +199,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         m["step_time"] = now - last_time
         last_time = now
         m["tokens_per_s"] = m["tokens"] / m["step_time"]
-        m["perplexity"] = float(np.exp(min(m["loss"], 50.0)))
+        m["perplexity"] = perplexity(m["loss"])
         history.update(m)
         if step % t.log_every == 0 or step == t.steps:
             log.scalars(
@@ -225,10 +226,8 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                 if index["splits"]["val"]["tokens"] > 0:
                     val = val_loss(state.params)
                     best_val = min(best_val, val)
-                    log.scalars(
-                        step, {"loss": val, "perplexity": float(np.exp(min(val, 50.0)))}, prefix="val/"
-                    )
-                    log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {np.exp(min(val, 50.0)):.2f}")
+                    log.scalars(step, {"loss": val, "perplexity": perplexity(val)}, prefix="val/")
+                    log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {perplexity(val):.2f}")
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
                 if pending is not None:  # a diverged state must never be saved (nor rotate out a good one)
                     drain(pending)

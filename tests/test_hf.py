@@ -1,6 +1,7 @@
 """Hugging Face interop: exported models give jaxlm's logits in transformers, imported ones give
-transformers' logits in jaxlm, export -> import is bit-exact, and what no HF architecture
-represents is refused by name.
+transformers' logits in jaxlm, export -> import is bit-exact, what no HF architecture
+represents is refused by name, and so is a model whose weights the tensor table (checked against
+model.param_decls both ways) does not cover.
 
 Two kinds of test. The fixture tests always run and need neither torch nor transformers:
 tests/fixtures/hf/ holds tiny random transformers models (a tied GPT-2 and an untied Llama with
@@ -13,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -21,9 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, cli, hf, model, train
+from jaxlm import checkpoint, cli, model, train
 from jaxlm.config import CheckpointConfig, Config, ConfigError, DataConfig, ModelConfig, load_config, to_dict
 from jaxlm.data.tokenizer import GPT2_DIR, get_tokenizer
+from jaxlm.hf import arch, export, importer
+from jaxlm.hf.config_json import ARCHITECTURE_KEYS, model_fields_from_hf
+from jaxlm.hf.safetensors import SafetensorsDir
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
@@ -122,7 +127,7 @@ def assert_same_params(imported, original, m: ModelConfig):
 
 def assert_same_tensors(directory: Path, reference: Path):
     """The Hugging Face tensors of two model directories: the same names, dtypes and bits."""
-    a, b = hf.SafetensorsDir(directory), hf.SafetensorsDir(reference)
+    a, b = SafetensorsDir(directory), SafetensorsDir(reference)
     assert sorted(a.where) == sorted(b.where)
     for name in b.where:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
@@ -130,7 +135,7 @@ def assert_same_tensors(directory: Path, reference: Path):
 
 def hf_fields(directory: Path) -> dict:
     """The jaxlm architecture a transformers config.json describes."""
-    return hf.model_fields_from_hf(json.loads((directory / "config.json").read_text()))
+    return model_fields_from_hf(json.loads((directory / "config.json").read_text()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,20 +154,20 @@ def load_fixture(name: str) -> tuple[Path, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("name", FIXTURE_MODELS)
 def test_fixture_import_reproduces_transformers_logits_and_exports_the_same_tensors(tmp_path, name):
     src, tokens, want = load_fixture(name)
-    cfg = hf.import_config(src, tmp_path / "runs" / name, tokenizer="bytes")
+    cfg = importer.import_config(src, tmp_path / "runs" / name, tokenizer="bytes")
     m = cfg.model
-    assert {k: getattr(m, k) for k in hf.ARCHITECTURE_KEYS} == hf_fields(src)
+    assert {k: getattr(m, k) for k in ARCHITECTURE_KEYS} == hf_fields(src)
     if name == "gpt2":
         assert m.positions == "learned" and m.tie_embeddings and m.use_bias
     else:  # what the Llama fixture is there for: GQA, untied, a rope_theta that is not the default
         assert m.kv_heads < m.n_heads and not m.tie_embeddings and m.rope_theta == 500.0
     assert m.padded_vocab > m.vocab_size  # the padding rows are dropped and re-added on the way
-    params = hf.params_from_hf(hf.SafetensorsDir(src), m, str(src))
+    params = importer.params_from_hf(SafetensorsDir(src), m, str(src))
     assert_close(jaxlm_logits(params, m, tokens), want, m)
 
     # Export is transposes, reshapes and slices of the same float32 values: bit for bit.
     out = tmp_path / "hf"
-    hf.export(jax.tree.map(jnp.asarray, params), cfg, out)
+    export.export(jax.tree.map(jnp.asarray, params), cfg, out)
     assert_same_tensors(out, src)
     assert hf_fields(out) == hf_fields(src)
 
@@ -180,7 +185,7 @@ def test_cli_import_of_fixture_exports_back_and_training_resumes(tmp_path, tiny_
     assert_close(jaxlm_logits(params, cfg.model, tokens), want, cfg.model)
 
     out = tmp_path / "hf"  # through the checkpoint and back: the same tensors, the same model
-    assert cli.main(["export", "--checkpoint", str(run), "--format", "hf", "--out", str(out)]) == 0
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
     assert_same_tensors(out, src)
     assert hf_fields(out) == hf_fields(src) | {"seq_len": cfg.model.seq_len}
 
@@ -213,7 +218,7 @@ def export_case(tmp_path: Path, case: str, capsys) -> tuple[ModelConfig, Config,
     m, shard = EXPORT_CASES[case]
     cfg, params = write_checkpoint(tmp_path, m)
     out = tmp_path / "hf"
-    argv = ["export", "--checkpoint", str(cfg.run_path), "--format", "hf", "--out", str(out)]
+    argv = ["export", "--checkpoint", str(cfg.run_path), "--out", str(out)]
     assert cli.main(argv + ["--max-shard-size", shard]) == 0
     assert "no transformers equivalent" in capsys.readouterr().out  # bytes tokenizer: no files
     assert not (out / "vocab.json").exists()
@@ -230,16 +235,14 @@ def export_case(tmp_path: Path, case: str, capsys) -> tuple[ModelConfig, Config,
 def test_export_round_trips_bit_exact(tmp_path, case, capsys):
     m, cfg, params, out = export_case(tmp_path, case, capsys)
     # Import (checkpoint writing aside, which the CLI test covers) gives the params back.
-    back = hf.import_config(out, tmp_path / "runs" / "back", tokenizer="bytes").model
-    assert {k: getattr(back, k) for k in hf.ARCHITECTURE_KEYS} == {
-        k: getattr(m, k) for k in hf.ARCHITECTURE_KEYS
-    }
-    assert_same_params(hf.params_from_hf(hf.SafetensorsDir(out), back), params, m)
+    back = importer.import_config(out, tmp_path / "runs" / "back", tokenizer="bytes").model
+    assert {k: getattr(back, k) for k in ARCHITECTURE_KEYS} == {k: getattr(m, k) for k in ARCHITECTURE_KEYS}
+    assert_same_params(importer.params_from_hf(SafetensorsDir(out), back), params, m)
 
     if case == "llama-gqa-tied":  # --dtype bfloat16: the same tensors, rounded
-        hf.export(params, cfg, tmp_path / "bf16", dtype="bfloat16")
+        export.export(params, cfg, tmp_path / "bf16", dtype="bfloat16")
         assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-        f32, bf16 = hf.SafetensorsDir(out), hf.SafetensorsDir(tmp_path / "bf16")
+        f32, bf16 = SafetensorsDir(out), SafetensorsDir(tmp_path / "bf16")
         assert set(f32.where) == set(bf16.where)
         for name in f32.where:
             assert bf16[name].dtype == jnp.bfloat16
@@ -319,14 +322,14 @@ def test_gpt2_tokenizer_files_load_in_transformers_and_import_detects_them(trans
     shutil.copyfile(GPT2_DIR / "vocab.bpe", src / "merges.txt")
 
     run = tmp_path / "runs" / "gpt2"
-    cfg = hf.import_model(src, run)["config"]
+    cfg = importer.import_model(src, run)["config"]
     assert cfg.data.tokenizer == "gpt2" and cfg.model.vocab_size == 50257 and cfg.model.seq_len == 8
     _, params, _ = checkpoint.load_params(run)
     tokens = np.random.default_rng(1).integers(0, 50257, (2, 8))
     assert_close(jaxlm_logits(params, cfg.model, tokens), hf_logits(src_model.eval(), tokens), cfg.model)
 
     out = tmp_path / "hf"
-    summary = hf.export_checkpoint(run, out)
+    summary = export.export_checkpoint(run, out)
     assert summary["tokenizer"] == [
         "vocab.json",
         "merges.txt",
@@ -353,7 +356,7 @@ def test_fixture_script_writes_models_that_import_with_their_logits(transformers
     for name in script.MODELS:
         src = tmp_path / name
         m = ModelConfig(**hf_fields(src))
-        params = hf.params_from_hf(hf.SafetensorsDir(src), m, str(src))
+        params = importer.params_from_hf(SafetensorsDir(src), m, str(src))
         assert_close(jaxlm_logits(params, m, np.load(src / "tokens.npy")), np.load(src / "logits.npy"), m)
 
 
@@ -377,19 +380,19 @@ def test_fixture_script_writes_models_that_import_with_their_logits(transformers
 )
 def test_unrepresentable_options_are_refused_by_name(kw, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(")):
-        hf.architecture(small(**kw))
+        arch.architecture(small(**kw))
 
 
 def test_refused_export_writes_nothing(tmp_path):
     """Refusals come before any parameter is fetched (params=None is never touched)."""
     cfg = Config(model=small(**dict(LLAMA, norm="layernorm")))
     with pytest.raises(ConfigError, match="model.norm='layernorm'"):
-        hf.export(None, cfg, tmp_path / "hf")
+        export.export(None, cfg, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
-        hf.export(None, Config(model=small(**LLAMA)), tmp_path / "full")
+        export.export(None, Config(model=small(**LLAMA)), tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
 
 
@@ -405,7 +408,7 @@ def test_import_refusals(tmp_path):
 
     def refused(match, tokenizer="bytes", **kw):
         with pytest.raises(ConfigError, match=match):
-            hf.import_model(src, run, tokenizer, **kw)
+            importer.import_model(src, run, tokenizer, **kw)
         assert not run.exists()
 
     refused("pass --tokenizer", tokenizer=None)
@@ -424,3 +427,150 @@ def test_import_refusals(tmp_path):
     refused("'model.layers.2.input_layernorm.weight' is missing")
     edit_config(src, num_hidden_layers=2, vocab_size=200)
     refused("has 257 tokens but the model only 200")
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor table against model.param_decls, both ways: a weight the table does not cover, an
+# entry whose param is gone, a shape the conversion does not give: refused by name.
+# --------------------------------------------------------------------------------------------
+
+TABLE_CASES = {  # the four tables: GPT-2 and Llama, each tied and untied, Llama with and without biases
+    "gpt2-tied": small(**GPT2),
+    "gpt2-untied": small(**GPT2, tie_embeddings=False),
+    "llama-tied": small(**LLAMA),
+    "llama-untied-bias": small(**LLAMA | dict(use_bias=True), tie_embeddings=False),
+}
+
+
+def patch_decls(monkeypatch, edit):
+    """model.param_decls with ``edit(decls, m)`` applied: the model changed, its HF table not."""
+    declared = model.param_decls
+
+    def patched(m):
+        decls = declared(m)
+        edit(decls, m)
+        return decls
+
+    monkeypatch.setattr(model, "param_decls", patched)
+
+
+def assert_both_refuse(m: ModelConfig, tmp_path: Path, *names: str):
+    """Export and import refuse ``m`` naming each of ``names``, before touching a tensor (export
+    gets no params, import no tensors) and with nothing written."""
+    match = "".join(f"(?=.*{re.escape(n)})" for n in names)
+    with pytest.raises(ConfigError, match=match):
+        export.export(None, Config(model=m), tmp_path / "hf")
+    with pytest.raises(ConfigError, match=match):
+        importer.params_from_hf({}, m)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+def test_a_declared_weight_without_a_table_entry_is_refused_by_name(monkeypatch, tmp_path, case):
+    m = TABLE_CASES[case]
+    arch.tensor_table(m)  # the real declarations pass
+
+    def add_q_norm(decls, m):
+        decls["blocks"]["attn"]["q_norm"] = model.Weight(
+            (m.n_layers, m.dim_per_head), ("layers", None), False
+        )
+
+    patch_decls(monkeypatch, add_q_norm)
+    assert_both_refuse(m, tmp_path, "param 'blocks/attn/q_norm' (2, 8) has no tensor")
+
+
+# Per table, a param it maps that is then removed from the declarations (where the tables differ:
+# fused c_attn.bias, lm_head of an untied model, SwiGLU's gate, Llama's biases).
+GONE = {
+    "gpt2-tied": ("blocks/attn/k_bias", "transformer.h.{i}.attn.c_attn.bias"),
+    "gpt2-untied": ("unembed", "lm_head.weight"),
+    "llama-tied": ("blocks/mlp/gate", "model.layers.{i}.mlp.gate_proj.weight"),
+    "llama-untied-bias": ("blocks/attn/o_bias", "model.layers.{i}.self_attn.o_proj.bias"),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+def test_a_table_entry_without_a_declared_weight_is_refused_by_name(monkeypatch, tmp_path, case):
+    path, tensor = GONE[case]
+
+    def remove(decls, m):
+        *parents, last = path.split("/")
+        node = decls
+        for key in parents:
+            node = node[key]
+        del node[last]
+
+    patch_decls(monkeypatch, remove)
+    assert_both_refuse(
+        TABLE_CASES[case], tmp_path, f"tensor {tensor!r} maps to {path!r}, which model.param_decls"
+    )
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+def test_a_declared_shape_the_table_does_not_give_is_refused_by_name(monkeypatch, tmp_path, case):
+    m = TABLE_CASES[case]
+
+    def widen_up(decls, m):
+        decls["blocks"]["mlp"]["up"] = model.Weight(
+            (m.n_layers, m.d_model, m.d_ff + 1), ("layers", "embed", "mlp"), True
+        )
+
+    patch_decls(monkeypatch, widen_up)
+    tensor = (
+        "transformer.h.{i}.mlp.c_fc.weight"
+        if case.startswith("gpt2")
+        else "model.layers.{i}.mlp.up_proj.weight"
+    )
+    assert_both_refuse(m, tmp_path, f"tensor {tensor!r} has shape", "gives (")
+
+
+def test_a_param_in_two_table_entries_is_refused(monkeypatch, tmp_path):
+    m = TABLE_CASES["llama-tied"]
+    real = arch._llama_tensors
+    monkeypatch.setattr(
+        arch, "_llama_tensors", lambda m: real(m) + [arch._same("extra.weight", "final_norm/scale", (32,))]
+    )
+    assert_both_refuse(
+        m, tmp_path, "param 'final_norm/scale' is in both tensor 'model.norm.weight' and 'extra.weight'"
+    )
+
+
+def test_import_checks_from_hf_against_the_declarations(monkeypatch):
+    """from_hf is checked on the tensors it converts: an entry whose from_hf forgets its transpose
+    gives up [L, F, D] for the declared [L, D, F], and import stops naming the param."""
+    real = arch._llama_tensors
+
+    def no_transpose(m):
+        return [
+            dataclasses.replace(t, from_hf=lambda w: (w,)) if t.name.endswith("up_proj.weight") else t
+            for t in real(m)
+        ]
+
+    monkeypatch.setattr(arch, "_llama_tensors", no_transpose)
+    src = FIXTURES / "llama-gqa"
+    m = ModelConfig(**hf_fields(src))
+    with pytest.raises(AssertionError, match=re.escape("blocks/mlp/up: (2, 48, 32), declared (2, 32, 48)")):
+        importer.params_from_hf(SafetensorsDir(src), m, str(src))
+
+
+def test_cli_refuses_a_model_whose_weights_the_table_does_not_cover(monkeypatch, tmp_path, capsys):
+    """One error line naming the weight, no traceback, nothing written: `jaxlm export` of a
+    checkpoint and `jaxlm import` of a fixture, with a weight added to the declarations."""
+    m = TABLE_CASES["llama-tied"]
+    cfg, _ = write_checkpoint(tmp_path, m)
+
+    def add_scale(decls, m):
+        decls["embed_norm"] = {"scale": model.Weight((m.d_model,), ("embed",), False, "ones")}
+
+    patch_decls(monkeypatch, add_scale)
+    out, run = tmp_path / "hf", tmp_path / "runs" / "imported"
+    assert cli.main(["export", "--checkpoint", str(cfg.run_path), "--out", str(out)]) != 0
+    assert (
+        cli.main(["import", "--from", str(FIXTURES / "llama-gqa"), "--out", str(run), "--tokenizer", "bytes"])
+        != 0
+    )
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(
+        e.startswith("error: ") and "'embed_norm/scale' (32,) has no tensor" in e for e in err
+    )
+    assert not out.exists() and not run.exists()

@@ -26,9 +26,6 @@ class Tokenizer:
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
 
 def _bytes_tokenizer() -> Tokenizer:
     # 256 byte values plus one end-of-document id.
