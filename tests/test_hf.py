@@ -29,6 +29,7 @@ from jaxlm.data.tokenizer import GPT2_DIR, get_tokenizer
 from jaxlm.hf import arch, export, importer
 from jaxlm.hf.config_json import ARCHITECTURE_KEYS, model_fields_from_hf
 from jaxlm.hf.safetensors import SafetensorsDir
+from jaxlm.state import make_tx
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
@@ -64,7 +65,7 @@ def write_checkpoint(tmp_path: Path, m: ModelConfig, tokenizer: str = "bytes", s
     )
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(tmp_path)))
     params = random_params(m)
-    opt_state = jax.jit(train.make_tx(cfg).init)(params)
+    opt_state = jax.jit(make_tx(cfg).init)(params)
     state = {"step": jnp.array(step, jnp.int32), "params": params, "opt_state": opt_state}
     saver = checkpoint.Checkpointer(cfg.run_path / "checkpoints", cfg.checkpoint)
     assert saver.save(step, state, to_dict(cfg)) and saver.wait()
@@ -179,7 +180,7 @@ def test_cli_import_of_fixture_exports_back_and_training_resumes(tmp_path, tiny_
     sets = [f"data.dir={tiny_data}", "train.steps=2", "train.eval_every=0", "mesh.data=8"]
     argv = ["import", "--from", str(src), "--out", str(run), "--experiment", str(experiment), "--set", *sets]
     assert cli.main(argv) == 0
-    cfg, params, _ = checkpoint.load_params(run)
+    cfg, params, _, _ = checkpoint.load_params(run)
     assert cfg.model.n_kv_heads == 2 and not cfg.model.tie_embeddings and cfg.data.tokenizer == "bytes"
     assert cfg.model.seq_len == load_config(experiment).model.seq_len  # rope: the experiment's window
     assert_close(jaxlm_logits(params, cfg.model, tokens), want, cfg.model)
@@ -324,7 +325,7 @@ def test_gpt2_tokenizer_files_load_in_transformers_and_import_detects_them(trans
     run = tmp_path / "runs" / "gpt2"
     cfg = importer.import_model(src, run)["config"]
     assert cfg.data.tokenizer == "gpt2" and cfg.model.vocab_size == 50257 and cfg.model.seq_len == 8
-    _, params, _ = checkpoint.load_params(run)
+    params = checkpoint.load_params(run).params
     tokens = np.random.default_rng(1).integers(0, 50257, (2, 8))
     assert_close(jaxlm_logits(params, cfg.model, tokens), hf_logits(src_model.eval(), tokens), cfg.model)
 
@@ -574,3 +575,9 @@ def test_cli_refuses_a_model_whose_weights_the_table_does_not_cover(monkeypatch,
         e.startswith("error: ") and "'embed_norm/scale' (32,) has no tensor" in e for e in err
     )
     assert not out.exists() and not run.exists()
+
+
+def test_export_refuses_a_flax_nnx_module_by_name():
+    m = dataclasses.replace(load_config(ROOT / "experiments" / "nnx_gpt.py").model)
+    with pytest.raises(ConfigError, match=r"cannot export model.module='experiments/nnx_gpt.py:GPT'"):
+        arch.architecture(m)
