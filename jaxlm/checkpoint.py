@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import serialization, traverse_util
 
 from jaxlm.config import CheckpointConfig, ConfigError
 
@@ -125,19 +126,10 @@ def abstract_with_shardings(abstract_tree, shardings_tree):
     )
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _flat(tree) -> dict[str, Any]:
     """{"params.blocks.attn.q": leaf}: NamedTuples, tuples and dicts alike, as orbax's metadata names them."""
-    return {
-        ".".join(_key_name(k) for k in path): leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    flat = traverse_util.flatten_dict(serialization.to_state_dict(tree), sep=".")
+    return {k: v for k, v in flat.items() if v is not None}  # None is an empty node, as in jax.tree
 
 
 def _config_changes(saved: dict, current: dict) -> list[str]:

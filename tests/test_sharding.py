@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import serialization, traverse_util
 from jax.sharding import PartitionSpec
 
 from jaxlm import lm, model, sharding, train
@@ -53,14 +54,11 @@ def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
 def flat_specs(shardings) -> dict[str, str]:
     """{"params/blocks/attn/q": "P(None, 'fsdp', 'tensor', None)", ...} for a pytree of shardings."""
 
-    def key(k):
-        return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-
     def spec(s):
         return "P(" + ", ".join(repr(a) for a in s.spec) + ")"
 
-    leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    return {"/".join(key(k) for k in path): spec(s) for path, s in leaves}
+    flat = traverse_util.flatten_dict(serialization.to_state_dict(shardings), sep="/")
+    return {path: spec(s) for path, s in flat.items()}
 
 
 def golden_table() -> dict[str, dict[str, str]]:

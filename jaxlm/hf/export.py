@@ -16,17 +16,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jaxlm.config import Config, ConfigError
 from jaxlm.hf import safetensors
 from jaxlm.hf.arch import architecture, tensor_table
 from jaxlm.hf.config_json import hf_config
-
-
-def _leaf(params: dict, path: str):
-    for key in path.split("/"):
-        params = params[key]
-    return params
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -105,15 +100,17 @@ def export(
     )
     layer: list = [None, None]  # [index, that layer's params on device]
 
+    flat = traverse_util.flatten_dict(params, sep="/")
+
     def produce() -> Iterator[np.ndarray]:
         for t, i in order:
             if i is None:
-                host = [_to_host(_leaf(params, p)) for p in t.parts]
+                host = [_to_host(flat[p]) for p in t.parts]
             else:
                 if layer[0] != i:
                     layer[:] = [None, None]  # free the previous layer first
-                    layer[:] = [i, take_layer(params["blocks"], i)]
-                host = [_to_host(_leaf(layer[1], p.removeprefix("blocks/"))) for p in t.parts]
+                    layer[:] = [i, traverse_util.flatten_dict(take_layer(params["blocks"], i), sep="/")]
+                host = [_to_host(layer[1][p.removeprefix("blocks/")]) for p in t.parts]
             yield np.asarray(t.to_hf(*host)).astype(np_dtype)
 
     writer = jax.process_index() == 0  # the other processes take part in the gathers

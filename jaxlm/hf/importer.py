@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jaxlm.config import Config, ConfigError, ModelConfig
 from jaxlm.files import write_json
@@ -75,14 +76,7 @@ def params_from_hf(tensors, m: ModelConfig, src: str = "the model") -> dict:
         raise AssertionError(
             f"from_hf of the {architecture(m)} table gives params unlike model.param_decls: {wrong}"
         )
-    params: dict = {}
-    for path, x in flat.items():
-        node = params
-        *parents, last = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = x
-    return params
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _same_bpe(directory: Path, reference: Path) -> bool:
