@@ -16,6 +16,10 @@ plus ``vocab_size * d_model`` for a tied output projection, which the embedding 
 Vocabulary padding is not counted (it is wasted work, not model work). The second term is the
 attention scores and weighted sum (2 * 2 * T * Q per head and layer forward, x3 with backward),
 counted over the full T x T square as PaLM does, though a causal mask makes half of it moot.
+
+A Flax NNX module (``model.module``) counts N from its own declared parameters (lm.LM.flop_params:
+all but its lookup tables, see jaxlm/nnx_model.py); its attention term is taken from the config's
+n_layers, n_heads, head_dim and seq_len, which the module is built from, and the report says so.
 """
 
 from __future__ import annotations
@@ -242,6 +246,8 @@ def _timed_run(
     n = matmul_n or (2048 if dev.platform == "cpu" else 8192)
     measured = matmul_tflops(n, cdtype)
     rows = sharding.micro_batch_rows(cfg.train, mesh)
+    # The ceiling times the built-in transformer's matmul shapes; a user's module has its own.
+    ceiling = ceiling and not cfg.model.module
     c = matmul_ceiling(cfg.model, rows, mesh.shape["tensor"], cdtype, measured) if ceiling else None
     mem_gib, mem_kind = peak_memory()
     return {
@@ -263,6 +269,7 @@ def _timed_run(
         "tokens_per_s_per_device": tok_s_dev,
         "flops_per_token": fpt,
         "flop_params": flop_params(cfg.model),
+        "model": lm.get(cfg.model).name,
         "model_tflops_per_device": tflops_dev,
         "peak_tflops": peak,
         "mfu": tflops_dev / peak if peak else None,
@@ -494,7 +501,7 @@ def report(r: dict[str, Any]) -> str:
         f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}" if r["mfu"] is not None else "n/a (no table peak)"
     )
     alone = (
-        "not measured (--skip-ceiling)"
+        "not measured (--skip-ceiling, or a model.module whose matmul shapes jaxlm does not know)"
         if c is None
         else f"{c['tflops']:.3f} TFLOP/s ({100 * c['fraction_of_matmul_peak']:.1f}% of the peak): the "
         f"step's own matmul shapes timed alone; step reaches {100 * c['step_fraction']:.1f}% of it"
@@ -510,7 +517,8 @@ def report(r: dict[str, Any]) -> str:
             f"p90 {1e3 * s['p90']:.1f})",
             f"  tokens/s/device  {r['tokens_per_s_per_device']:,.0f}",
             f"  model FLOPs/tok  {r['flops_per_token']['total']:,} (6N = {r['flops_per_token']['dense']:,}, "
-            f"attention {r['flops_per_token']['attention']:,}; N = {r['flop_params']:,})",
+            f"attention {r['flops_per_token']['attention']:,} = 12 x model.n_layers x n_heads x head_dim x "
+            f"seq_len; N = {r['flop_params']:,}, {r['model']})",
             f"  TFLOP/s/device   {r['model_tflops_per_device']:.3f}",
             f"  MFU              {mfu} TFLOP/s",
             f"  matmul peak      {r['matmul']['tflops']:.3f} TFLOP/s measured ({r['matmul']['n']}^3 "

@@ -113,8 +113,20 @@ def test_kill9_at_a_random_step_then_resume_reproduces_the_loss_curve(tiny_data,
     _kill9_then_resume(tiny_data, tmp_path, reference_run, TINY)
 
 
-def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, nnx_reference_run):
+def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, nnx_reference_run, capsys):
     _kill9_then_resume(tiny_data, tmp_path, nnx_reference_run, NNX)
+    # The run samples (a full forward per token: the module has no cache), evaluates, and refuses export.
+    from jaxlm.cli import main as cli
+
+    run = str(tmp_path / "killed")
+    capsys.readouterr()
+    assert cli(["sample", "--checkpoint", run, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert cli(["eval", "--checkpoint", run, "--batches", "2"]) == 0
+    assert f"step {STEPS} | val split" in capsys.readouterr().out
+    assert cli(["export", "--checkpoint", run, "--out", str(tmp_path / "hf")]) == 2
+    assert "cannot export model.module='experiments/nnx_gpt.py:GPT'" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def _kill9_then_resume(tiny_data, tmp_path, reference_run, experiment: Path) -> None:
