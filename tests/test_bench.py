@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import bench, cli, model
+from jaxlm import bench, cli, model, profile
 from jaxlm.config import PRESETS, Config, TrainConfig, load_config, preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,7 +270,7 @@ def test_trace_top_ops_counts_each_op_once_and_only_its_own_time(tmp_path):
     ]
     module = [_op(1, 3, "jit_train_step(42)", 0, 130)]
     _write_trace(tmp_path / "gpu.json.gz", meta + kernels + xla_ops + host + module)
-    r = bench.trace_top_ops(tmp_path / "gpu.json.gz", n=2, steps=2)
+    r = profile.trace_top_ops(tmp_path / "gpu.json.gz", n=2, steps=2)
     assert r["source"] == "device 'XLA Ops' line"
     assert r["modules"] == ["jit_train_step", "jit_train_step(42)"]
     # the while loop's own time is 100 - 2 x 30; all ops, per step: (100 + 20) / 2 microseconds
@@ -281,7 +281,7 @@ def test_trace_top_ops_counts_each_op_once_and_only_its_own_time(tmp_path):
 
     # without an 'XLA Ops' line the stream kernels, named by their HLO op, are the device time
     _write_trace(tmp_path / "kernels.json.gz", meta[:2] + meta[4:] + kernels + host)
-    r = bench.trace_top_ops(tmp_path / "kernels.json.gz")
+    r = profile.trace_top_ops(tmp_path / "kernels.json.gz")
     assert r["source"] == "device kernels" and r["top_ops"][0]["op"] == "fusion.1"
     assert r["op_ms_per_step"] == pytest.approx(0.030, rel=F64_FEW_OPS)
 
@@ -346,7 +346,7 @@ def test_gpu_suite_dry_run_runs_every_item_and_returns_few_files(tmp_path):
     assert prof["file"] == "profile.trace.json.gz" and "jit_train_step" in prof["modules"]
     assert len(prof["top_ops"]) == 15 and all(o["ms_per_step"] > 0 for o in prof["top_ops"])
     assert sum(o["fraction"] for o in prof["top_ops"]) <= 1
-    assert bench.trace_top_ops(out / "profile.trace.json.gz", steps=3)["top_ops"] == prof["top_ops"]
+    assert profile.trace_top_ops(out / "profile.trace.json.gz", steps=3)["top_ops"] == prof["top_ops"]
     log = (out / "suite.log").read_text()
     assert prof["top_ops"][0]["op"] in log and "top 15 ops" in log
     # 5. decode (one batch size in the dry run)
