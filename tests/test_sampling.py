@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import assert_close, forward_terms, tol
 
 from jaxlm import model, sampling
 from jaxlm.cli import main as cli
@@ -51,13 +52,15 @@ def test_cached_decode_gives_full_forward_logits_at_every_step(name):
     P = tokens_BxP.shape[1]
     cache = sampling.init_cache(cfg, len(rows), P + steps, jnp.float32)
     logits_BxPxV, cache = sampling.forward_cached(params, tokens_BxP, cache, jnp.int32(0), pad_B, cfg)
+    # the cache attends over P + steps slots under a mask: other shapes, other summation orders
+    n_terms = forward_terms(cfg)
     for b, n in enumerate(lens):
-        np.testing.assert_allclose(logits_BxPxV[b, pad_B[b] :], ref_BxTxV[b, :n], atol=2e-5, rtol=1e-5)
+        assert_close(logits_BxPxV[b, pad_B[b] :], ref_BxTxV[b, :n], n_terms, err_msg=f"prefill row {b}")
     for i in range(steps):
         tok_Bx1 = np.array([[r[n + i]] for r, n in zip(rows, lens, strict=True)], np.int32)
         logits_Bx1xV, cache = sampling.forward_cached(params, tok_Bx1, cache, jnp.int32(P + i), pad_B, cfg)
         for b, n in enumerate(lens):
-            np.testing.assert_allclose(logits_Bx1xV[b, 0], ref_BxTxV[b, n + i], atol=2e-5, rtol=1e-5)
+            assert_close(logits_Bx1xV[b, 0], ref_BxTxV[b, n + i], n_terms, err_msg=f"step {i} row {b}")
 
 
 PROMPTS = [[5, 17, 3], [9, 1, 2, 40, 41, 42, 7, 8]]  # of different lengths: the first is left-padded
@@ -68,12 +71,13 @@ def test_greedy_is_deterministic_and_is_the_argmax_of_the_full_forward():
     out = sampling.generate(params, cfg, PROMPTS, 10, temperature=0)
     assert out == sampling.generate(params, cfg, PROMPTS, 10, temperature=0)
     assert [len(r) for r in out] == [10, 10]
-    # the reference: recompute the whole sequence and take the argmax, one token at a time
+    # the reference: recompute the whole sequence; each token taken is its argmax, or ties with it
+    # to the rounding by which cached decoding and the full forward may differ
     for prompt, new in zip(PROMPTS, out, strict=True):
-        seq = list(prompt)
-        for _ in range(10):
-            seq.append(int(_right_padded_forward(params, cfg, [seq])[0, len(seq) - 1].argmax()))
-        assert new == seq[len(prompt) :]
+        rows = [prompt + new[:i] for i in range(len(new))]
+        for row, token in zip(rows, new, strict=True):
+            logits_V = _right_padded_forward(params, cfg, [row])[0, len(row) - 1]
+            assert logits_V[token] >= logits_V.max() - 2 * tol(np.abs(logits_V).max(), forward_terms(cfg))
     # a model trained with a fused kernel that takes no mask decodes with the masked xla attention
     fused = dataclasses.replace(cfg, attention="splash")
     assert sampling.generate(params, fused, PROMPTS, 10, temperature=0) == out
@@ -127,6 +131,7 @@ def test_top_k_never_emits_a_token_outside_the_top_k(top_k):
     draws = _draws(1.0, top_k, 1.0)
     assert set(draws.tolist()) == set(allowed)  # never outside, and every one of them is drawn
     freq = np.bincount(draws, minlength=len(PROBS_V))[allowed] / N_DRAWS
+    # atol 0.03: almost 4 binomial standard deviations, which are at most 0.5 / sqrt(N_DRAWS) = 0.008
     np.testing.assert_allclose(freq, PROBS_V[allowed] / PROBS_V[allowed].sum(), atol=0.03)
 
 
@@ -149,7 +154,11 @@ def test_nucleus_is_the_shortest_sorted_prefix_reaching_top_p():
         p_V = np.exp(logits_V - logits_V.max())
         p_V /= p_V.sum()
         order = np.argsort(-p_V)
-        n = int(np.searchsorted(np.cumsum(p_V[order]), top_p)) + 1  # shortest prefix with mass >= top_p
+        mass = np.cumsum(p_V[order])
+        # float32 kernel, float64 reference: they agree while no prefix mass lies within the
+        # kernel's rounding (softmax and mass sums, 2 x V terms of at most 1) of top_p
+        assert np.abs(mass - top_p).min() > tol(1.0, 2 * len(p_V))
+        n = int(np.searchsorted(mass, top_p)) + 1  # shortest prefix with mass >= top_p
         assert set(np.flatnonzero(kept_V)) == set(order[:n].tolist())
 
 
@@ -158,7 +167,7 @@ def test_top_k_then_top_p_and_temperature():
     assert set(_draws(1.0, 4, 0.6).tolist()) == {0, 2}
     # temperature 0.5 squares the probabilities: the draw frequencies follow p^2 / sum p^2
     freq = np.bincount(_draws(0.5, 0, 1.0), minlength=len(PROBS_V)) / N_DRAWS
-    np.testing.assert_allclose(freq, PROBS_V**2 / (PROBS_V**2).sum(), atol=0.03)
+    np.testing.assert_allclose(freq, PROBS_V**2 / (PROBS_V**2).sum(), atol=0.03)  # 4 sigma, as above
     # temperature 0 is the argmax, whatever the key
     logits_NxV = jnp.broadcast_to(jnp.log(jnp.asarray(PROBS_V, jnp.float32)), (N_DRAWS, len(PROBS_V)))
     assert set(np.asarray(sampling.sample_token(None, logits_NxV, 0.0)).tolist()) == {0}
@@ -264,8 +273,8 @@ def test_cli_eval_reproduces_the_logged_val_loss(tiny_run, capsys, tmp_path):
     run_path, summary = tiny_run
     assert cli(["eval", "--checkpoint", str(run_path)]) == 0
     out = capsys.readouterr().out
-    loss = float(out.split("| loss ")[1].split()[0])
-    assert loss == pytest.approx(summary["val_loss"], abs=1e-4)
+    # the trainer's eval program on the same mesh, batches and restored weights: the same bits
+    assert f"| loss {summary['val_loss']:.4f} |" in out
     assert "val split" in out and "2 batches of 8" in out
     assert cli(["eval", "--checkpoint", str(run_path), "--split", "train", "--batches", "1"]) == 0
     assert "train split" in capsys.readouterr().out
