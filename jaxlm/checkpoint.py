@@ -460,11 +460,18 @@ def load_params(path: str | Path, devices: Sequence[jax.Device] | None = None) -
 
 class StopRequest:
     """Installs SIGTERM/SIGINT handlers until ``restore()``: the first signal sets ``signal`` (the
-    loop checks ``requested()`` after each step); a second exits at once with 128 + its number."""
+    loop checks ``requested()`` after each step); a second exits at once with 128 + its number.
+
+    Several processes may see their signals at different steps yet must stop at the same one, and
+    asking each other after a step would make the host wait for that step. So every step carries
+    each process's flag in (``flags(mesh)``) and returns their maximum among its metrics, which the
+    loop reads one step late anyway; that agreed value, passed to ``requested``, is the same on
+    every process at the same step. The stop then comes a step or two after the signal."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signal: str | None = None  # name of the signal that asked to stop
         self.previous = {}
+        self._flags: dict = {}  # (mesh, flag) -> the device array flags() returns
         if threading.current_thread() is threading.main_thread():  # handlers live in the main thread
             self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
@@ -480,17 +487,26 @@ class StopRequest:
             flush=True,
         )
 
-    def requested(self) -> bool:
-        """Whether to stop after this step; with several processes, every one agrees (one small
-        all-gather per call), since each may see the signal at a different step."""
+    def flags(self, mesh: jax.sharding.Mesh) -> jax.Array:
+        """This process's flag (1: a signal came) as int32[mesh.size], one element on each device
+        of ``mesh``, so its max over the array is the max over processes. Each of the two arrays is
+        built once: a step that takes one neither copies nor waits."""
+        key = (mesh, self.signal is not None)
+        if key not in self._flags:
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+            self._flags[key] = jax.make_array_from_callback(
+                (mesh.size,), sharding, lambda _: np.full((1,), key[1], np.int32)
+            )
+        return self._flags[key]
+
+    def requested(self, agreed: bool = False) -> bool:
+        """Whether to stop after this step. One process: as soon as a signal came. Several: when
+        ``agreed``, the max of every process's ``flags`` fed to a step whose metrics were read."""
         if jax.process_count() == 1:
             return self.signal is not None
-        from jax.experimental import multihost_utils
-
-        anyone = bool(multihost_utils.process_allgather(np.int32(self.signal is not None)).any())
-        if anyone and self.signal is None:
+        if agreed and self.signal is None:
             self.signal = "a signal to another process"
-        return anyone
+        return agreed
 
     def restore(self) -> None:
         """Reinstate the handlers that were there before."""

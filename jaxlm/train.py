@@ -24,7 +24,9 @@ from jaxlm.state import TrainState, abstract_state, create_state, fresh_opt_stat
 # ============================================================================================
 
 
-def make_train_step(cfg: Config, state_sh: TrainState, batch_sh):
+def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: bool = False):
+    """The jitted ``step(state, batch) -> (state, metrics)``. With ``stop_flags`` it takes a third
+    argument, ``StopRequest.flags`` (sharded as it comes), and returns its max as metric "stop"."""
     tx, model = make_tx(cfg), lm.get(cfg.model)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     M = cfg.train.micro_batches
@@ -36,7 +38,9 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh):
         )(params)
         return loss_sum, count, grads
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        state: TrainState, batch: dict[str, jax.Array], flags_N: jax.Array | None = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         params = state.params
         if M == 1:
             loss_sum, count, grads = loss_and_grads(params, batch)
@@ -69,11 +73,12 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh):
             "lr": schedule(state.step),
             "tokens": count,
         }
+        if flags_N is not None:
+            metrics["stop"] = jnp.max(flags_N)
         return new_state, metrics
 
-    return jax.jit(
-        train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
-    )
+    in_sh = (state_sh, batch_sh, None) if stop_flags else (state_sh, batch_sh)  # None: as it comes
+    return jax.jit(train_step, in_shardings=in_sh, out_shardings=(state_sh, None), donate_argnums=0)
 
 
 # ============================================================================================
@@ -93,7 +98,9 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, lm.get(cfg.model).decls, mesh)
     sharding.micro_batch_rows(t, mesh)  # refuses a batch the mesh cannot split evenly
-    with jax.set_mesh(mesh):  # scoped: a later run or sampling in this process sees no stale mesh
+    # The mesh is scoped: a later run or sampling in this process sees no stale mesh. With several
+    # processes, when one is lost the others exit within seconds, naming it and the last checkpoint.
+    with jax.set_mesh(mesh), distributed.watch_peers(cfg.run_path / "checkpoints"):
         return _run_on_mesh(cfg, mesh, resume)
 
 
@@ -150,7 +157,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     if pid == 0:
         write_json(run_path / "config.json", config_dict)
 
-    train_step = make_train_step(cfg, state_sh, batch_sh)
+    train_step = make_train_step(cfg, state_sh, batch_sh, stop_flags=True)
     eval_step = make_eval_step(cfg, state_sh.params, batch_sh)
 
     def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -185,10 +192,13 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     best_val = float("inf")
     val = None
 
+    agreed_stop = False  # whether a process asked to stop, as of the last step drain() read
+
     def drain(pending) -> None:
-        nonlocal last_time
+        nonlocal last_time, agreed_stop
         step, metrics = pending
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        agreed_stop = agreed_stop or m.pop("stop") > 0
         if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):  # either makes state `step` junk
             raise FloatingPointError(
                 f"training diverged at step {step} (loss {m['loss']:.4g}, gradient norm "
@@ -215,11 +225,13 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     try:
         for step in range(start_step + 1, t.steps + 1):
             batch = to_global(next(batches))
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, batch, stop.flags(mesh))
             if pending is not None:
                 drain(pending)
             pending = (step, metrics)
-            stopping = stop.requested()
+            # No wait for the device here: with several processes, the flags of the step drained
+            # just now say whether any asked to stop, the same on all of them.
+            stopping = stop.requested(agreed_stop)
             if not stopping and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
                 drain(pending)
                 pending = None
