@@ -45,7 +45,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    """gelu: GPT-2's tanh GELU; swiglu: Llama's gated SiLU (adds a ``gate`` weight); relu2: relu(x)²,
+    no gate, the same weights as gelu (Primer, So et al. 2021). Hugging Face export represents gelu
+    (GPT-2) and swiglu (Llama) and refuses relu2 by name."""
+    qk_norm: bool = False
+    """RMSNorm of each query and key head over head_dim before rope, with learned scales
+    ``blocks/attn/q_norm`` and ``k_norm`` [layers, head_dim] (OLMo 2, Qwen3): bounds the attention
+    logits, which lets higher learning rates train stably. Off: GPT-2 and Llama have none, and export
+    refuses it by name."""
     use_bias: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -58,6 +66,12 @@ class ModelConfig:
     """Rematerialisation policy of each transformer block."""
     logits_chunk: int = 0
     """Tokens per chunk of the chunked cross-entropy; 0 computes all logits at once."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss, the mean over targets of log²Z (Z the softmax normaliser), added to
+    the training loss (PaLM used 1e-4): it keeps the logits from drifting, which matters most in
+    bfloat16. Logged as train/z_loss (the term added); train/loss and val loss stay the cross-entropy.
+    Training only: the weights, sampling and export do not depend on it. 0 leaves the loss and
+    its gradients exactly as without it."""
 
     @property
     def kv_heads(self) -> int:
@@ -415,6 +429,11 @@ def validate(cfg: Config) -> Config:
     _need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _need(m.init_std > 0, "model.init_std", "must be positive")
     _need(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0 disables chunking)")
+    _need(
+        0 <= m.z_loss < float("inf"),  # NaN fails both comparisons
+        "model.z_loss",
+        f"must be a finite number >= 0 (0 disables it; PaLM used 1e-4), got {m.z_loss}",
+    )
     _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _need(
         0.0 <= d.max_undecodable <= 1.0, "data.max_undecodable", f"must be in [0, 1], got {d.max_undecodable}"

@@ -22,11 +22,13 @@ SPLITS = ("val", "train")
 
 
 def make_eval_step(cfg: Config, param_sh, batch_sh):
-    """(params, batch) -> (sum of token losses, number of targets): the trainer's loss, without gradients."""
+    """(params, batch) -> (sum of token cross-entropies, number of targets): the trainer's loss
+    without gradients and without the z-loss, which is a training regulariser, not a measure."""
     model = lm.get(cfg.model)
 
     def eval_step(params, batch):
-        return model.loss_sums(params, batch, cfg.data.document_masking)
+        sums = model.loss_sums(params, batch, cfg.data.document_masking)
+        return sums.xent, sums.count
 
     return jax.jit(eval_step, in_shardings=(param_sh, batch_sh))
 

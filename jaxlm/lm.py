@@ -24,6 +24,7 @@ from jaxlm import model
 from jaxlm.config import ModelConfig
 
 Params = model.Params
+LossSums = model.LossSums
 Batch = dict[str, jax.Array]
 
 
@@ -36,8 +37,9 @@ class LM:
     """``model.Weight`` per parameter, in the params' tree structure."""
     init: Callable[[jax.Array], Params]
     """key -> params; jit it with out_shardings to initialise every shard where it lives."""
-    loss_sums: Callable[[Params, Batch, bool], tuple[jax.Array, jax.Array]]
-    """(params, batch, document_masking) -> (sum of masked token losses, number of targets)."""
+    loss_sums: Callable[[Params, Batch, bool], LossSums]
+    """(params, batch, document_masking) -> ``model.LossSums``: the masked cross-entropy and log²Z
+    sums and the number of targets; the trainer adds ``cfg.z_loss`` times the second."""
     logits: Callable[[Params, jax.Array, jax.Array, jax.Array | None], jax.Array]
     """(params, tokens_BxT, positions_BxT, segment_ids_BxT or None) -> float32 [B, T, vocab_size]."""
     kv_cache: bool
@@ -60,15 +62,11 @@ class LM:
         )
 
 
-def masked_xent_sums(
-    logits_BxTxV: jax.Array, targets_BxT: jax.Array, loss_mask_BxT: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked cross-entropies, number of targets) from float32 logits."""
-    logits = logits_BxTxV.astype(jnp.float32)
-    lse_BxT = jax.nn.logsumexp(logits, axis=-1)
-    target_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+def masked_xent_sums(logits_BxTxV: jax.Array, targets_BxT: jax.Array, loss_mask_BxT: jax.Array) -> LossSums:
+    """``LossSums`` from float32 logits, as the built-in model computes them."""
+    xent_BxT, lse_BxT = model.token_xent_and_lse(logits_BxTxV.astype(jnp.float32), targets_BxT)
     mask = loss_mask_BxT.astype(jnp.float32)
-    return ((lse_BxT - target_BxT) * mask).sum(), mask.sum()
+    return LossSums(*model.masked_sums(xent_BxT, lse_BxT, mask), mask.sum())
 
 
 def _builtin(cfg: ModelConfig) -> LM:

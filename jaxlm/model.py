@@ -76,6 +76,11 @@ def param_decls(cfg: ModelConfig) -> Params:
     }
     if cfg.mlp == "swiglu":
         mlp["gate"] = Weight((L, D, F), ("layers", "embed", "mlp"), True, std=std)
+    if cfg.qk_norm:  # one RMSNorm scale per head dimension, shared by the heads of a layer
+        attn |= {
+            "q_norm": Weight((L, K), ("layers", "head_dim"), False, "ones"),
+            "k_norm": Weight((L, K), ("layers", "head_dim"), False, "ones"),
+        }
     if cfg.use_bias:
         attn |= {
             "q_bias": Weight((L, H, K), ("layers", "heads", "head_dim"), False, "zeros"),
@@ -201,6 +206,9 @@ def qkv(p: Params, x_BxTxD: jax.Array, positions_BxT: jax.Array, cfg: ModelConfi
             k_BxTxGxK + p["k_bias"],
             v_BxTxGxK + p["v_bias"],
         )
+    if cfg.qk_norm:  # over head_dim, before the rotation (as Qwen3 / OLMo 2 do)
+        q_BxTxHxK = norm({"scale": p["q_norm"]}, q_BxTxHxK, "rmsnorm", cfg.norm_eps)
+        k_BxTxGxK = norm({"scale": p["k_norm"]}, k_BxTxGxK, "rmsnorm", cfg.norm_eps)
     if cfg.positions == "rope":
         q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, cfg.rope_theta)
         k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, cfg.rope_theta)
@@ -222,6 +230,8 @@ def mlp(p: Params, x_BxTxD: jax.Array, kind: str) -> jax.Array:
         if "gate_bias" in p:
             gate_BxTxF = gate_BxTxF + p["gate_bias"]
         h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    elif kind == "relu2":
+        h_BxTxF = jnp.square(jax.nn.relu(up_BxTxF))  # ReLU squared (Primer; modded-nanogpt)
     else:
         h_BxTxF = jax.nn.gelu(up_BxTxF, approximate=True)  # GPT-2's tanh GELU
     h_BxTxF = constrain(h_BxTxF, ("batch", "seq", "act_mlp"))
@@ -356,17 +366,34 @@ def forward(
     return constrain(logits, ("batch", "seq", "act_vocab"))[..., : cfg.vocab_size]
 
 
-def _token_losses(params: Params, x_NxD, targets_N, cfg: ModelConfig) -> jax.Array:
-    logits_NxV = logits_from_hidden(params, x_NxD, cfg)
+class LossSums(NamedTuple):
+    """Sums over the target tokens of one batch; divide by ``count`` for the means. The training
+    objective is ``(xent + cfg.z_loss * z) / count``; evaluation reports ``xent / count``."""
+
+    xent: jax.Array
+    """Sum of masked token cross-entropies."""
+    z: jax.Array
+    """Sum of masked log²Z, Z the softmax normaliser (the z-loss before its coefficient)."""
+    count: jax.Array
+    """Number of target tokens (the loss mask's sum)."""
+
+
+def token_xent_and_lse(logits_NxV: jax.Array, targets_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cross-entropy, log Z) per token from float32 logits [..., V] and targets [...]."""
     lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
-    target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
-    return lse_N - target_logit_N
+    target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[..., None], axis=-1)[..., 0]
+    return lse_N - target_logit_N, lse_N
+
+
+def masked_sums(xent_N: jax.Array, lse_N: jax.Array, mask_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of cross-entropies, sum of log²Z) over the tokens where the float mask is 1."""
+    return (xent_N * mask_N).sum(), (jnp.square(lse_N) * mask_N).sum()
 
 
 def loss_sums(
     params: Params, batch: dict[str, jax.Array], cfg: ModelConfig, document_masking: bool
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token cross-entropies, number of target tokens) for one batch.
+) -> LossSums:
+    """The masked cross-entropy and log²Z sums and the number of target tokens for one batch.
 
     With ``cfg.logits_chunk > 0`` the logits are computed chunk by chunk under remat, so the
     float32 [tokens, vocab] matrix never exists in full, neither forward nor backward.
@@ -380,9 +407,12 @@ def loss_sums(
     mask_N = batch["loss_mask"].reshape(-1).astype(jnp.float32)
     n = x_NxD.shape[0]
     chunk = cfg.logits_chunk
+
+    def sums(x_MxD, t_M, m_M):
+        return masked_sums(*token_xent_and_lse(logits_from_hidden(params_c, x_MxD, cfg), t_M), m_M)
+
     if chunk <= 0 or chunk >= n:
-        losses_N = _token_losses(params_c, x_NxD, targets_N, cfg)
-        return (losses_N * mask_N).sum(), mask_N.sum()
+        return LossSums(*sums(x_NxD, targets_N, mask_N), mask_N.sum())
     pad = -n % chunk
     x_CxMxD = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, D)
     t_CxM = jnp.pad(targets_N, (0, pad)).reshape(-1, chunk)
@@ -390,8 +420,8 @@ def loss_sums(
 
     @jax.checkpoint
     def one_chunk(total, xs):
-        x_MxD, t_M, m_M = xs
-        return total + (_token_losses(params_c, x_MxD, t_M, cfg) * m_M).sum(), None
+        return jax.tree.map(jnp.add, total, sums(*xs)), None
 
-    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), (x_CxMxD, t_CxM, m_CxM))
-    return total, mask_N.sum()
+    zero = jnp.zeros((), jnp.float32)
+    (xent, z), _ = jax.lax.scan(one_chunk, (zero, zero), (x_CxMxD, t_CxM, m_CxM))
+    return LossSums(xent, z, mask_N.sum())

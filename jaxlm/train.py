@@ -32,18 +32,23 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: boo
     M = cfg.train.micro_batches
     doc_mask = cfg.data.document_masking
 
+    z_coef = cfg.model.z_loss
+
+    def objective(p, micro):  # summed, not averaged: the micro-batch sums add up to the batch's
+        sums = model.loss_sums(p, micro, doc_mask)
+        # A Python branch, so z_loss=0 is the plain cross-entropy, its gradient bit for bit.
+        return (sums.xent + z_coef * sums.z if z_coef else sums.xent), sums
+
     def loss_and_grads(params, micro):
-        (loss_sum, count), grads = jax.value_and_grad(
-            lambda p: model.loss_sums(p, micro, doc_mask), has_aux=True
-        )(params)
-        return loss_sum, count, grads
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params, micro)
+        return sums, grads
 
     def train_step(
         state: TrainState, batch: dict[str, jax.Array], flags_N: jax.Array | None = None
     ) -> tuple[TrainState, dict[str, jax.Array]]:
         params = state.params
         if M == 1:
-            loss_sum, count, grads = loss_and_grads(params, batch)
+            sums, grads = loss_and_grads(params, batch)
         else:
             # Row r goes to micro-batch r % M, so every device keeps its own rows in each micro-batch.
             def split(x_BxT):
@@ -56,22 +61,23 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: boo
                 )
 
             def accumulate(carry, micro):
-                loss_sum, count, grads = loss_and_grads(params, micro)
-                return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+                return jax.tree.map(jnp.add, carry, loss_and_grads(params, micro)), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
-        count = jnp.maximum(count, 1.0)
+            zero = jnp.zeros((), jnp.float32)
+            zeros = (lm.LossSums(zero, zero, zero), jax.tree.map(jnp.zeros_like, params))
+            (sums, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+        count = jnp.maximum(sums.count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean token loss
         updates, opt_state = tx.update(grads, state.opt_state, params)
         new_state = TrainState(
             step=state.step + 1, params=optax.apply_updates(params, updates), opt_state=opt_state
         )
         metrics = {
-            "loss": loss_sum / count,
+            "loss": sums.xent / count,  # the cross-entropy, what val loss is compared with
+            "z_loss": z_coef * sums.z / count,  # the term the objective adds to it
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
-            "tokens": count,
+            "tokens": sums.count,
         }
         if flags_N is not None:
             metrics["stop"] = jnp.max(flags_N)
@@ -214,7 +220,10 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         if step % t.log_every == 0 or step == t.steps:
             log.scalars(
                 step,
-                {k: m[k] for k in ("loss", "perplexity", "grad_norm", "lr", "tokens_per_s", "step_time")},
+                {
+                    k: m[k]
+                    for k in ("loss", "z_loss", "perplexity", "grad_norm", "lr", "tokens_per_s", "step_time")
+                },
                 prefix="train/",
             )
             log.progress(step, m)

@@ -42,6 +42,10 @@ def test_overrides_parse_against_declared_types():
         ("data.shuffle", "maybe", "not a bool"),
         ("optim.lr", "-1", "optim.lr: must be positive"),
         ("mesh.data", "0", "mesh.data"),
+        ("model.z_loss", "-1e-4", "model.z_loss: must be a finite number >= 0"),
+        ("model.z_loss", "nan", "model.z_loss: must be a finite number >= 0"),
+        ("model.mlp", "relu", "choose one of ['gelu', 'swiglu', 'relu2']"),
+        ("model.qk_norm", "maybe", "not a bool"),
     ],
 )
 def test_bad_overrides_name_the_key(key, value, needle):

@@ -377,11 +377,23 @@ def test_fixture_script_writes_models_that_import_with_their_logits(transformers
         (dict(GPT2, norm="rmsnorm"), "model.norm='rmsnorm'"),
         (dict(GPT2, mlp="swiglu"), "model.mlp='swiglu'"),
         (dict(GPT2, head_dim=16), "model.head_dim=16"),
+        (dict(LLAMA, qk_norm=True), "model.qk_norm=True"),
+        (dict(GPT2, qk_norm=True), "model.qk_norm=True"),
+        (dict(LLAMA, mlp="relu2"), "model.mlp='relu2'"),
+        (dict(GPT2, mlp="relu2"), "model.mlp='relu2'"),
     ],
 )
 def test_unrepresentable_options_are_refused_by_name(kw, key):
     with pytest.raises(ConfigError, match=key.replace("(", r"\(")):
         arch.architecture(small(**kw))
+
+
+def test_z_loss_is_training_only_and_exports():
+    """The z-loss shapes training, not the weights: a model trained with it exports as without it."""
+    for kw, want in ((LLAMA, "llama"), (GPT2, "gpt2")):
+        m = small(**kw, z_loss=1e-4)
+        assert arch.architecture(m) == want
+        arch.tensor_table(m)  # the table check passes too
 
 
 def test_refused_export_writes_nothing(tmp_path):

@@ -102,14 +102,14 @@ def _batch(cfg, B=4, T=16):
 
 @pytest.mark.parametrize("variant", [{"logits_chunk": 24}, {"remat": "full"}, {"remat": "save_matmuls"}])
 def test_memory_levers_change_nothing(variant):
-    """Chunked cross-entropy and remat give the same loss and gradients as the plain path."""
+    """Chunked cross-entropy and remat give the same loss, z-loss and gradients as the plain path."""
     cfg = dataclasses.replace(TINY, compute_dtype="float32", vocab_size=250, vocab_multiple=128)
     params = model.init_params(cfg, jax.random.key(4))
     batch = _batch(cfg)
 
     def mean_loss(p, c):
-        s, n = model.loss_sums(p, batch, c, False)
-        return s / n
+        s = model.loss_sums(p, batch, c, False)
+        return (s.xent + 0.1 * s.z) / s.count
 
     l0, g0 = jax.value_and_grad(mean_loss)(params, cfg)
     l1, g1 = jax.value_and_grad(mean_loss)(params, dataclasses.replace(cfg, **variant))
@@ -127,10 +127,13 @@ def test_padded_vocabulary_never_predicted():
     assert logits.shape[-1] == 250
     # the loss normalises over the 250 real tokens only: log-sum-exp of the visible logits
     batch = _batch(cfg)
-    s, n = model.loss_sums(params, batch, cfg, False)
+    s = model.loss_sums(params, batch, cfg, False)
     full = model.forward(params, batch["inputs"], batch["positions"], None, cfg)
     ref = -jnp.take_along_axis(jax.nn.log_softmax(full), batch["targets"][..., None], -1).mean()
-    assert_close(s / n, ref, loss_terms(cfg, batch["loss_mask"].size))
+    n_terms = loss_terms(cfg, batch["loss_mask"].size)
+    assert_close(s.xent / s.count, ref, n_terms)
+    # and log Z of the z-loss is over them too
+    assert_close(s.z / s.count, (jax.nn.logsumexp(full, -1) ** 2).mean(), 2 * n_terms)
 
 
 def test_bf16_compute_close_to_float32():
@@ -145,3 +148,101 @@ def test_bf16_compute_close_to_float32():
     # With 8 bits all of them one way is no bound worth testing; independent roundings add like a
     # random walk, sqrt(n) of them, and eps per rounding (twice the half-ulp) is the margin.
     assert_close(bf16, f32, np.sqrt(18 * cfg.n_layers + 3), eps=BF16_EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe options: QK-norm, z-loss, ReLU² MLP.
+# --------------------------------------------------------------------------------------------
+
+
+def test_qk_norm_declares_two_undecayed_scales_and_makes_attention_blind_to_the_qk_scale():
+    """RMSNorm of q and k per head: multiplying W_q and W_k (and their biases) by 7 changes the
+    logits without QK-norm and leaves them unchanged (up to the norm's eps) with it."""
+    base = dataclasses.replace(TINY, compute_dtype="float32", use_bias=True, positions="rope")
+    assert "q_norm" not in model.param_decls(base)["blocks"]["attn"]
+    cfg = dataclasses.replace(base, qk_norm=True)
+    attn = model.param_decls(cfg)["blocks"]["attn"]
+    for name in ("q_norm", "k_norm"):
+        assert attn[name] == model.Weight(
+            (cfg.n_layers, cfg.dim_per_head), ("layers", "head_dim"), False, "ones"
+        )
+    params = model.init_params(cfg, jax.random.key(7))
+    params["blocks"]["attn"]["q_norm"] = params["blocks"]["attn"]["q_norm"] * 0.5  # not the identity
+    scaled = jax.tree.map(lambda x: x, params)
+    scaled["blocks"]["attn"] = dict(params["blocks"]["attn"])
+    for name in ("q", "k", "q_bias", "k_bias"):
+        scaled["blocks"]["attn"][name] = 7.0 * params["blocks"]["attn"][name]
+    tokens, pos = _inputs(cfg)
+    plain = {k: v for k, v in params["blocks"]["attn"].items() if not k.endswith("_norm")}
+    plain_scaled = {k: v for k, v in scaled["blocks"]["attn"].items() if not k.endswith("_norm")}
+
+    def off(a):
+        return model.forward(dict(params, blocks=dict(params["blocks"], attn=a)), tokens, pos, None, base)
+
+    assert np.abs(off(plain) - off(plain_scaled)).max() > 1e-2
+    # RMS of q/k ~ 0.02 * sqrt(D) ~ 0.1 >> sqrt(norm_eps): the eps term moves the result ~1e-3 relatively
+    np.testing.assert_allclose(
+        model.forward(params, tokens, pos, None, cfg),
+        model.forward(scaled, tokens, pos, None, cfg),
+        atol=2e-3,
+    )
+
+
+def test_qk_norm_normalises_each_head_before_rope():
+    cfg = dataclasses.replace(TINY, compute_dtype="float32", positions="rope", qk_norm=True, n_kv_heads=2)
+    p = jax.tree.map(lambda w: w[0], model.init_params(cfg, jax.random.key(8))["blocks"]["attn"])
+    p["q_norm"] = jnp.linspace(0.5, 2.0, cfg.dim_per_head)
+    x = jax.random.normal(jax.random.key(9), (1, 5, cfg.d_model))
+    pos = jnp.arange(5)[None]
+    q, k, _ = model.qkv(p, x, pos, cfg)
+    raw_q = np.einsum("btd,dhk->bthk", x, p["q"])
+    want_q = raw_q / np.sqrt((raw_q**2).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(p["q_norm"])
+    np.testing.assert_allclose(q, model.rope(jnp.asarray(want_q), pos, cfg.rope_theta), atol=1e-5)
+    # rope rotates pairs, so each key head keeps the RMS the norm gave it (k_norm scales are ones):
+    # 1, less the eps term's share
+    ms_k = (np.einsum("btd,dgk->btgk", x, p["k"]) ** 2).mean(-1)
+    np.testing.assert_allclose(jnp.sqrt((k**2).mean(-1)), np.sqrt(ms_k / (ms_k + cfg.norm_eps)), rtol=1e-5)
+
+
+def test_relu2_mlp_is_relu_squared_without_a_gate():
+    cfg = dataclasses.replace(TINY, mlp="relu2", use_bias=True)
+    decls = model.param_decls(cfg)["blocks"]["mlp"]
+    assert sorted(decls) == sorted(model.param_decls(dataclasses.replace(cfg, mlp="gelu"))["blocks"]["mlp"])
+    rng = np.random.default_rng(0)
+    D = cfg.d_model
+    p = {k: rng.normal(size=w.shape[1:]).astype(np.float32) for k, w in decls.items()}
+    x = rng.normal(size=(2, 3, D)).astype(np.float32)
+    h = np.maximum(x @ p["up"] + p["up_bias"], 0.0) ** 2
+    want = h @ p["down"] + p["down_bias"]
+    # sums of D then F products of O(1..10) terms: float32 eps * F * the magnitude of the terms
+    np.testing.assert_allclose(model.mlp(p, jnp.asarray(x), "relu2"), want, rtol=1e-4, atol=1e-3)
+
+
+def test_z_loss_gradient_is_the_analytic_one():
+    """d/dW of (xent + c log²Z) / n for the unembedding W [D, V]:
+    h^T (softmax - onehot + 2c logZ softmax) / n."""
+    cfg = dataclasses.replace(
+        TINY, compute_dtype="float32", tie_embeddings=False, vocab_size=256, vocab_multiple=128
+    )
+    params = model.init_params(cfg, jax.random.key(10))
+    params["unembed"] = params["unembed"] * 50.0  # logits of a few units, so log Z is far from log V
+    batch = _batch(cfg)
+    batch["loss_mask"] = batch["loss_mask"].at[:, :3].set(0.0)
+    c = 0.3
+
+    def objective(p):
+        s = model.loss_sums(p, batch, cfg, False)
+        return (s.xent + c * s.z) / s.count
+
+    grad_W = jax.grad(objective)(params)["unembed"]
+    h_NxD = model.hidden(params, batch["inputs"], batch["positions"], None, cfg).reshape(-1, cfg.d_model)
+    logits_NxV = h_NxD @ params["unembed"]
+    lse_N = jax.nn.logsumexp(logits_NxV, -1)
+    p_NxV = jax.nn.softmax(logits_NxV, -1)
+    onehot_NxV = jax.nn.one_hot(batch["targets"].reshape(-1), cfg.vocab_size)
+    mask_N = batch["loss_mask"].reshape(-1)
+    d_NxV = (p_NxV - onehot_NxV + 2 * c * lse_N[:, None] * p_NxV) * mask_N[:, None] / mask_N.sum()
+    want = h_NxD.T @ d_NxV
+    # sums over N=64 tokens of terms <= |h| * (1 + 2c log Z) ~ 10: 64 * 10 * 1.2e-7, well within 1e-5
+    assert np.abs(want).max() > 1e-2
+    np.testing.assert_allclose(grad_W, want, atol=1e-5, rtol=1e-4)

@@ -254,8 +254,9 @@ def test_logits_shape_and_dtype(gpt_cfg, gpt_params, logits_fn):
 
 @pytest.mark.parametrize("document_masking", [False, True])
 def test_loss_sums_is_the_cross_entropy_of_the_logits(gpt, gpt_cfg, gpt_params, logits_fn, document_masking):
+    """...and the z-loss's log²Z sum, which the trainer weighs by model.z_loss as for the built-in model."""
     b = _batch(gpt_cfg)
-    total, count = jax.jit(gpt.loss_sums, static_argnums=2)(gpt_params, b, document_masking)
+    total, z, count = jax.jit(gpt.loss_sums, static_argnums=2)(gpt_params, b, document_masking)
     seg = b["segment_ids"] if document_masking else None
     logits = np.asarray(logits_fn(gpt_params, b["inputs"], b["positions"], seg), np.float64)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -267,6 +268,8 @@ def test_loss_sums_is_the_cross_entropy_of_the_logits(gpt, gpt_cfg, gpt_params, 
     # |sum| x eps x (V + N)
     N, V = mask.size, gpt_cfg.vocab_size
     assert abs(float(total) - want) <= abs(want) * EPS * (V + N)
+    want_z = (lse**2 * mask).sum()  # squaring doubles the relative error of log Z
+    assert abs(float(z) - want_z) <= abs(want_z) * EPS * (2 * V + N)
 
 
 def _tol(logits, cfg) -> float:

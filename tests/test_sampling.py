@@ -19,6 +19,8 @@ VARIANTS = {
     ),
     "rope-rmsnorm-swiglu-gqa": dict(positions="rope", n_kv_heads=2),
     "sinusoidal-mqa-untied": dict(positions="sinusoidal", n_kv_heads=1, tie_embeddings=False),
+    "rope-qk_norm-gqa": dict(positions="rope", n_kv_heads=2, qk_norm=True),
+    "learned-relu2": dict(positions="learned", mlp="relu2"),
 }
 
 

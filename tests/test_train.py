@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 from tolerances import assert_close, assert_trees_close, grad_terms, loss_terms
 
-from jaxlm import model, sharding, train
+from jaxlm import lm, model, report, sharding, train
 from jaxlm.cli import main as cli
 from jaxlm.config import MeshConfig, OptimConfig, apply_overrides
 from jaxlm.optim import lr_schedule
@@ -74,6 +74,52 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_cfg):
     assert_trees_close(mu4, mu1, grad_terms(cfg.model, n_tokens))
 
 
+def _step_once(cfg, batch):
+    mesh, state_sh, batch_sh = _one_device_setup(cfg)
+    state = create_state(cfg, state_sh)
+    before = jax.device_get(state.params)  # the step donates the state
+    new, m = train.make_train_step(cfg, state_sh, batch_sh)(state, batch)
+    return before, jax.device_get(new.params), {k: float(v) for k, v in m.items()}
+
+
+def test_z_loss_zero_leaves_the_objective_the_plain_cross_entropy(tiny_cfg, monkeypatch):
+    """With model.z_loss=0 the z sum never enters the objective (not even as 0 * z): poisoned with
+    NaN, the step's loss, gradient and update are bit for bit those of the unpoisoned step."""
+    batch = _fixed_batch(tiny_cfg)
+    _, clean, m_clean = _step_once(tiny_cfg, batch)
+    real = lm.get(tiny_cfg.model)
+
+    def poisoned(params, batch, doc_mask):
+        s = real.loss_sums(params, batch, doc_mask)
+        return s._replace(z=s.z * jnp.nan)
+
+    monkeypatch.setattr(lm, "get", lambda c: dataclasses.replace(real, loss_sums=poisoned))
+    _, dirty, m_dirty = _step_once(tiny_cfg, batch)
+    assert np.isnan(m_dirty.pop("z_loss")) and m_clean.pop("z_loss") == 0.0
+    assert m_dirty == m_clean
+    jax.tree.map(np.testing.assert_array_equal, dirty, clean)
+
+
+def test_z_loss_adds_its_gradient_and_is_logged_apart_from_the_cross_entropy(tiny_cfg):
+    batch = _fixed_batch(tiny_cfg)
+    c = 1e-2
+    cfg = apply_overrides(tiny_cfg, {"model.z_loss": str(c)})
+    params, _, m = _step_once(cfg, batch)
+    sums = model.loss_sums(params, batch, cfg.model, False)
+    # metrics: loss is the cross-entropy alone, z_loss the coefficient times the mean log²Z
+    np.testing.assert_allclose(m["loss"], sums.xent / sums.count, rtol=1e-6)
+    np.testing.assert_allclose(m["z_loss"], c * sums.z / sums.count, rtol=1e-6)
+    assert m["z_loss"] > 0.1  # log Z ~ log 257: the term is not negligible at this coefficient
+    # the gradient is that of (xent + c z) / n: its norm (clipping is after the metric) from the parts
+    g_x, g_z = (
+        jax.grad(lambda p, f=f: getattr(model.loss_sums(p, batch, cfg.model, False), f) / sums.count)(params)
+        for f in ("xent", "z")
+    )
+    want = optax.tree.norm(jax.tree.map(lambda a, b: a + c * b, g_x, g_z))
+    assert abs(float(optax.tree.norm(g_z)) * c) > 0.01 * float(want)  # z's share shows in the norm
+    np.testing.assert_allclose(m["grad_norm"], want, rtol=1e-5)
+
+
 def test_weight_decay_shrinks_exactly_the_matrices(tiny_cfg):
     """Non-zero params, zero gradients: Adam's step is 0, so only the decoupled decay moves a weight,
     by exactly -lr * weight_decay * w. Biases (q/k/v biases are [L, H, K], as many dims as a matrix),
@@ -127,6 +173,7 @@ def test_train_cli_end_to_end(tiny_data, tmp_path, capsys):
             "train.eval_every=15",
             "checkpoint.every=15",
             "mesh.data=8",
+            "model.z_loss=1e-4",
         ]
     )
     assert rc == 0
@@ -135,6 +182,11 @@ def test_train_cli_end_to_end(tiny_data, tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["steps"] == 30 and config["data"]["dir"] == tiny_data
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    curves = report.read_curves(run / "tb", ("train/loss", "train/z_loss"))
+    # the z-loss is its own curve, PaLM's 1e-4 times log²Z (~ log² 257 = 31 at the start): the
+    # cross-entropy curve (val loss's counterpart) does not include it
+    assert [s for s, _ in curves["train/z_loss"]] == [s for s, _ in curves["train/loss"]] == [10, 20, 30]
+    assert all(0 < z < 1e-4 * 40 for _, z in curves["train/z_loss"]), curves
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["15", "30"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 30

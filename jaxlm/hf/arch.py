@@ -60,6 +60,11 @@ def architecture(m: ModelConfig) -> str:
     else:
         want = {"norm": "rmsnorm", "mlp": "swiglu"}
         why = "rope is Llama (LlamaForCausalLM), which has"
+    if m.qk_norm:
+        problems.append(
+            "model.qk_norm=True: neither GPT-2 nor Llama normalises queries and keys (transformers' "
+            "Qwen3 does, and is not an export target yet); train with qk_norm=false to export"
+        )
     for key, value in want.items():
         if getattr(m, key) != value:
             problems.append(
