@@ -71,7 +71,7 @@ while [[ ${#left[@]} -gt 0 ]]; do
   done_pid=
   rc=0
   wait -n -p done_pid "${left[@]}" 2> /dev/null || rc=$? # (bash's own "Killed" notice: said below)
-  if [[ -z "$done_pid" ]]; then continue; fi # woken by a forwarded signal
+  if [[ -z "${done_pid:-}" ]]; then continue; fi # woken by a forwarded signal (unsets it)
   still=()
   for ((i = 0; i < NPROC; i++)); do
     if [[ "${pids[i]}" == "$done_pid" ]]; then id=$i; fi
