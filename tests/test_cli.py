@@ -160,8 +160,8 @@ def _diverging(make_train_step):
     def make(*args, **kwargs):
         step_fn = make_train_step(*args, **kwargs)
 
-        def step(state, batch):
-            state, metrics = step_fn(state, batch)
+        def step(state, batch, *stop_flags):
+            state, metrics = step_fn(state, batch, *stop_flags)
             if int(state.step) == DIVERGES_AT:
                 state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
                 metrics = {**metrics, "grad_norm": jnp.float32(jnp.nan)}
