@@ -1,7 +1,7 @@
 """Default experiment: a small GPT-style model on Shakespeare's works, byte-level tokens.
 
 Run:      jaxlm train experiments/shakespeare.py
-Expect:   ~6 minutes on a 2-core CPU; val loss falls from ~5.6 (ln 257) to ~1.95 nats per byte,
+Expect:   6-10 minutes on a 2-core CPU; val loss falls from ~5.6 (ln 257) to ~1.95 nats per byte,
           far below the corpus's unigram entropy (3.33 nats per byte, printed at the start).
           GPT-2 BPE instead: --set data.tokenizer=gpt2 data.dir=data_cache/shakespeare-gpt2
           model.vocab_size=50257 (slower on a CPU: the 50K-way output layer dominates).
