@@ -64,14 +64,9 @@ def peak_tflops(device_kind: str) -> float | None:
     return None
 
 
-def flop_params(cfg: ModelConfig) -> int:
-    """N of the 6N rule: non-embedding parameters plus the output projection (see module doc)."""
-    return lm.get(cfg).flop_params
-
-
 def flops_per_token(cfg: ModelConfig) -> dict[str, int]:
     """Model FLOPs of forward + backward per token: {"dense": 6N, "attention": 12LHQT, "total"}."""
-    dense = 6 * flop_params(cfg)
+    dense = 6 * lm.get(cfg).flop_params
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * cfg.seq_len
     return {"dense": dense, "attention": attention, "total": dense + attention}
 
@@ -265,7 +260,7 @@ def _timed_run(
         },
         "tokens_per_s_per_device": tok_s_dev,
         "flops_per_token": fpt,
-        "flop_params": flop_params(cfg.model),
+        "flop_params": lm.get(cfg.model).flop_params,
         "model": lm.get(cfg.model).name,
         "model_tflops_per_device": tflops_dev,
         "peak_tflops": peak,

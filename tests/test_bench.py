@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import bench, cli, model, profile
+from jaxlm import bench, cli, lm, model, profile
 from jaxlm.config import PRESETS, Config, TrainConfig, load_config, preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +27,18 @@ def test_flop_count_matches_a_hand_count():
     # tiny (vocab 257, tied): per layer q,k,v,o 4*32*32 + swiglu 3*32*64 + two norms 2*32 = 10304;
     # 2 layers + final norm 32 + the tied output projection 257*32 = 28864 = N
     cfg = preset("tiny", vocab_size=257)
-    assert bench.flop_params(cfg) == 28_864
+    assert lm.get(cfg).flop_params == 28_864
     assert bench.flops_per_token(cfg) == {
         "dense": 6 * 28_864,
         "attention": 12 * 2 * 4 * 8 * 32,  # L H Q T, no causal halving
         "total": 6 * 28_864 + 12 * 2 * 4 * 8 * 32,
     }
     # an untied output projection is the same matmul, so the same N
-    assert bench.flop_params(dataclasses.replace(cfg, tie_embeddings=False)) == 28_864
+    assert lm.get(dataclasses.replace(cfg, tie_embeddings=False)).flop_params == 28_864
     # GPT-2 small: 124,439,808 params less 50257x768 token and 1024x768 position embeddings,
     # plus the 50257x768 output projection (the padded 50304 rows are not model work)
     gpt2 = PRESETS["gpt2-124m"]
-    assert bench.flop_params(gpt2) == 124_439_808 - 1024 * 768 == 123_653_376
+    assert lm.get(gpt2).flop_params == 124_439_808 - 1024 * 768 == 123_653_376
     assert bench.flops_per_token(gpt2)["attention"] == 12 * 12 * 12 * 64 * 1024
 
 
