@@ -120,9 +120,14 @@ def _fit(
     coef_GxK = np.einsum("gkp,p->gk", np.linalg.pinv(X_GxPxK), y)  # least squares at each grid point
     sse_G = np.sum((np.einsum("gpk,gk->gp", X_GxPxK, coef_GxK) - y) ** 2, axis=1)
     start = int(np.nanargmin(sse_G))
-    values, cov = curve_fit(
-        f, x, y, p0=[*coef_GxK[start], *grid[start]], xtol=1e-12, ftol=1e-12, gtol=1e-12, maxfev=20000
-    )
+    try:
+        values, cov = curve_fit(
+            f, x, y, p0=[*coef_GxK[start], *grid[start]], xtol=1e-12, ftol=1e-12, gtol=1e-12, maxfev=20000
+        )
+    except RuntimeError as e:  # no convergence: say so in one line rather than print a fit that is not one
+        raise ConfigError(
+            f"fitting {law} to {len(y)} losses did not converge ({e}); check the runs for a diverged one"
+        ) from None
     residual = y - f(x, *values)
     return Fit(law, names, values, cov, float(np.sqrt(np.mean(residual**2))), len(y) - len(names))
 
