@@ -176,3 +176,15 @@ def test_report_scaling_refuses_too_few_runs_or_no_val_loss(tmp_path, capsys):
 
     assert cli.main(["report", str(sweep_dir), "--predict", str(no_val)]) == 2
     assert "use it with --scaling" in capsys.readouterr().err
+
+
+def test_a_fit_that_does_not_converge_is_one_error(monkeypatch):
+    import scipy.optimize
+
+    def no_convergence(*args, **kwargs):
+        raise RuntimeError("Optimal parameters not found: Number of calls to function has reached maxfev")
+
+    monkeypatch.setattr(scipy.optimize, "curve_fit", no_convergence)
+    C = np.geomspace(1e11, 1e14, 5)
+    with pytest.raises(scaling.ConfigError, match=r"fitting L\(C\) to 5 losses did not converge"):
+        scaling.fit_c(C, scaling.law_c(C / scaling.UNIT_C, **TRUE_C))
