@@ -240,7 +240,21 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_dir", help="runs/<sweep> (or a single run directory)")
-    p.add_argument("--out", default=None, help="where report.csv and report.png go (default: sweep_dir)")
+    p.add_argument(
+        "--out", default=None, help="where the report's CSV/PNG/JSON files go (default: sweep_dir)"
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="fit scaling laws L(C) (and L(N, D)) to the finished runs' final val losses; "
+        "writes scaling_law.png and scaling_law.json (docs/scaling_laws.md)",
+    )
+    p.add_argument(
+        "--predict",
+        action="append",
+        metavar="RUN_DIR",
+        help="with --scaling: a run left out of the fit; print its predicted and measured loss (repeatable)",
+    )
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -86,7 +86,7 @@ def read_curves(tb_dir: Path, tags: tuple[str, ...] = TAGS) -> dict[str, Curve]:
     return {tag: sorted(curve) for tag, curve in curves.items()}
 
 
-def _run_dirs(path: Path) -> list[Path]:
+def run_dirs(path: Path) -> list[Path]:
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; pass a sweep directory such as runs/<sweep>")
     if (path / "tb").is_dir() or (path / "summary.json").is_file():
@@ -102,7 +102,7 @@ def _run_dirs(path: Path) -> list[Path]:
 def load(path: str | Path) -> list[RunResult]:
     """Every run under ``path``, best final val loss first (runs without one last)."""
     results = []
-    for d in _run_dirs(Path(path)):
+    for d in run_dirs(Path(path)):
         summary = read_json(d / "summary.json") or {}
         curves = read_curves(d / "tb")
         status = summary.get("status") or ("interrupted" if curves else "pending")
@@ -238,6 +238,12 @@ def plot(results: list[RunResult], path: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``jaxlm report`` with the arguments ``jaxlm.cli`` parsed."""
+    if args.scaling:
+        from jaxlm import scaling
+
+        return scaling.main(args)
+    if args.predict:
+        raise ConfigError("--predict names runs left out of a scaling fit; use it with --scaling")
     results = load(args.sweep_dir)
     out = Path(args.out or args.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)

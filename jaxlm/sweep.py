@@ -7,6 +7,8 @@ An experiment file may define ``get_sweep() -> Sweep`` beside ``get_config()``::
                                                                        "model.d_model": [32, 64]})
 
 ``a * b`` is the product (every run of ``a`` with every run of ``b``), ``a + b`` the concatenation.
+``sizes(base, [(d_model, n_layers), ...], head_dim=..., tokens_per_param=...)`` (or ``flops=``) is a
+model-size axis for scaling laws, with each run's steps from its token budget (docs/scaling_laws.md).
 Each run is a dict of overrides; it goes to ``<train.run_dir>/<sweep>/<readable name>-<hash>/``, so
 re-running a sweep skips finished runs (``summary.json`` status ``finished``) and resumes the others
 from their latest checkpoint. Every run is validated before any is launched.
@@ -109,6 +111,54 @@ def zipped(axes: dict[str, Sequence[Any]]) -> Sweep:
     if len(set(lengths.values())) > 1:
         raise ConfigError(f"sweep.zipped: every key needs the same number of values, got {lengths}")
     return Sweep(tuple(dict(zip(axes, values, strict=True)) for values in zip(*axes.values(), strict=True)))
+
+
+def sizes(
+    base: Config,
+    shapes: Sequence[tuple[int, int]],
+    *,
+    head_dim: int,
+    ffn_mult: int = 4,
+    tokens_per_param: float | None = None,
+    flops: float | None = None,
+) -> Sweep:
+    """A model-size axis: one run per ``(d_model, n_layers)`` of ``shapes``, with ``d_model // head_dim``
+    heads, ``d_ff = ffn_mult * d_model`` and ``train.steps`` from a token budget, given as exactly one of
+
+    - ``tokens_per_param``: D = tokens_per_param x N (N = ``lm.get(model).flop_params``), or
+    - ``flops``: one compute budget C for every size, D = C / ``bench.flops_per_token(model)["total"]``
+      (an isoFLOP profile; ``sizes(..., flops=a) + sizes(..., flops=b)`` for several);
+
+    steps = D / (batch_size x seq_len) of ``base``, rounded to the nearest step (at least 1), so a
+    ``--set`` of train.batch_size or model.seq_len does not change the steps: set those in ``base``.
+    """
+    from jaxlm import bench, lm
+
+    if (tokens_per_param is None) == (flops is None):
+        raise ConfigError("sweep.sizes needs exactly one of tokens_per_param= and flops=")
+    if (tokens_per_param or flops) <= 0:
+        raise ConfigError(f"sweep.sizes: the token budget must be > 0, got {tokens_per_param or flops}")
+    tokens_per_step = base.train.batch_size * base.model.seq_len
+    runs = []
+    for shape in shapes:
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
+            raise ConfigError(f"sweep.sizes: each shape is (d_model, n_layers), got {shape!r}")
+        d_model, n_layers = shape
+        if d_model % head_dim:
+            raise ConfigError(f"sweep.sizes: d_model={d_model} is not a multiple of head_dim={head_dim}")
+        run = {
+            "model.d_model": d_model,
+            "model.n_layers": n_layers,
+            "model.n_heads": d_model // head_dim,
+            "model.d_ff": ffn_mult * d_model,
+        }
+        model_cfg = apply_overrides(base, run).model
+        if tokens_per_param is not None:
+            tokens = tokens_per_param * lm.get(model_cfg).flop_params
+        else:
+            tokens = flops / bench.flops_per_token(model_cfg)["total"]
+        runs.append({**run, "train.steps": max(1, round(tokens / tokens_per_step))})
+    return Sweep(tuple(runs))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,34 @@ def test_random_sampling_is_seeded_and_in_range():
     assert {r["model.n_layers"] for r in a} == {1, 2, 4}
 
 
+def test_size_axis_sets_the_shape_and_the_steps_of_its_token_budget():
+    from jaxlm import bench, lm
+    from jaxlm.config import apply_overrides, load_config
+
+    base = load_config(ROOT / "experiments" / "tiny.py")  # batch 8 x seq_len 32: 256 tokens a step
+    runs = list(sweep.sizes(base, [(32, 1), (64, 3)], head_dim=16, tokens_per_param=20))
+    assert [{k: v for k, v in r.items() if k != "train.steps"} for r in runs] == [
+        {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.d_ff": 128},
+        {"model.d_model": 64, "model.n_layers": 3, "model.n_heads": 4, "model.d_ff": 256},
+    ]
+    for run in runs:
+        model_cfg = apply_overrides(base, run).model
+        tokens = run["train.steps"] * 256
+        assert abs(tokens - 20 * lm.get(model_cfg).flop_params) <= 128  # rounded to the nearest step
+    assert runs[1]["train.steps"] > 5 * runs[0]["train.steps"]  # the budget grows with N
+
+    iso = list(sweep.sizes(base, [(32, 1), (64, 3)], head_dim=16, flops=1e13))
+    for run in iso:  # one compute budget: fewer steps for the larger model
+        per_step = bench.flops_per_token(apply_overrides(base, run).model)["total"] * 256
+        assert abs(run["train.steps"] * per_step - 1e13) <= per_step / 2
+    assert iso[0]["train.steps"] > iso[1]["train.steps"]
+
+    with pytest.raises(ConfigError, match="exactly one of tokens_per_param= and flops="):
+        sweep.sizes(base, [(32, 1)], head_dim=16)
+    with pytest.raises(ConfigError, match="d_model=40 is not a multiple of head_dim=16"):
+        sweep.sizes(base, [(40, 1)], head_dim=16, tokens_per_param=20)
+
+
 def test_run_names_are_readable_unique_and_change_with_base_overrides(tiny_data, tmp_path):
     runs = sweep.expand(SWEEP_TINY, base_set(tiny_data, tmp_path))
     names = [r.name for r in runs]
