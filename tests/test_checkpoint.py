@@ -290,15 +290,23 @@ def test_changed_optimizer_hyperparameters_keep_the_optimizer_state(tiny_data, t
     assert f"train.steps: {STEPS} -> {STEPS + 2}" in log
 
 
-def test_changed_optimizer_structure_restores_params_and_step_only(tiny_data, reference_run):
-    cfg = _cfg(tiny_data, reference_run.parent, "ref", **{"optim.grad_clip": 0})  # drops the clip state
+@pytest.mark.parametrize(
+    "change, note",
+    [
+        ({"optim.grad_clip": 0}, "optim.grad_clip: 1.0 -> 0.0"),  # drops the clip state
+        (MUON, "optim.name: 'adamw' -> 'muon'"),  # Muon's momentum for the matrices, no Adam moments
+    ],
+    ids=["grad_clip", "muon"],
+)
+def test_changed_optimizer_structure_restores_params_and_step_only(tiny_data, reference_run, change, note):
+    cfg = _cfg(tiny_data, reference_run.parent, "ref", **change)
     mesh = sharding.make_mesh(cfg.mesh)
     fresh = fresh_opt_state(cfg, state_shardings(cfg, mesh))
     state, step, notes = checkpoint.restore(
         reference_run / "checkpoints", _abstract(cfg, mesh), to_dict(cfg), fresh
     )
     assert step == STEPS and int(state["step"]) == STEPS
-    assert "optimizer state NOT restored" in notes[0] and "optim.grad_clip: 1.0 -> 0.0" in notes[1]
+    assert "optimizer state NOT restored" in notes[0] and note in notes[1]
     _assert_trees_equal(state["params"], checkpoint.load_params(reference_run).params)
     _assert_trees_equal(state["opt_state"], fresh(state["params"]))
 
