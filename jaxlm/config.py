@@ -132,7 +132,8 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    """AdamW decay; applied to matrices only, never to norms, biases or other vectors."""
+    """AdamW decay; applied to matrices only, never to norms, biases or other vectors. With
+    name='muon' it decays AdamW's matrices (embeddings, output head); Muon's use muon_weight_decay."""
     grad_clip: float = 1.0
     """Global-norm clipping threshold; 0 disables."""
     muon_lr: float = 0.02

@@ -4,6 +4,7 @@ one update against a hand computation, and a sharded update against the one-devi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -107,44 +108,62 @@ def _two_updates(tx, params, g1, g2):
     return tx.update(g2, state, params)
 
 
-def test_one_muon_update_is_nesterov_momentum_then_newton_schulz_per_layer_then_the_scaled_lr():
-    cfg = _cfg()
+def _orthogonalise(x: np.ndarray, n_in: int, stacked: bool) -> np.ndarray:
+    """Each layer's [n_in, fan_out] matrix on its own (``stacked``: x is [layers, ...])."""
+    layers = x if stacked else x[None]
+    out = [_newton_schulz(layer.reshape(n_in, -1)).reshape(layer.shape) for layer in layers]
+    return np.stack(out).reshape(x.shape)
+
+
+def _hidden(name: str) -> str:
+    """'blocks/attn/q' (stacked layers) or an NNX module's 'blocks/0/attn/q/kernel' -> 'attn/q'."""
+    return "/".join(p for p in name.split("/") if p not in ("blocks", "kernel") and not p.isdigit())
+
+
+@pytest.mark.parametrize("experiment", ["tiny.py", "nnx_gpt.py"])
+def test_one_muon_update_is_nesterov_momentum_then_newton_schulz_per_layer_then_the_scaled_lr(experiment):
+    cfg = _cfg(experiment)
     m, o = cfg.model, cfg.optim
-    params = jax.device_get(model.init_params(m, jax.random.key(0)))
+    params = jax.device_get(lm.get(m).init(jax.random.key(0)))
     g1, g2 = _grads(params, 1), _grads(params, 2)
     updates, _ = jax.jit(lambda *a: _two_updates(make_tx(cfg), *a))(params, g1, g2)
     D, HK, F = m.d_model, m.n_heads * m.dim_per_head, m.d_ff
+    # Written out by hand: the input side of each hidden matrix (the rest is its output side).
     fan_in = {"attn/q": D, "attn/k": D, "attn/v": D, "attn/o": HK, "mlp/up": D, "mlp/gate": D, "mlp/down": F}
+    flat = {k: traverse_util.flatten_dict(t, sep="/") for k, t in (("g1", g1), ("g2", g2), ("p", params))}
+    flat_updates = traverse_util.flatten_dict(updates, sep="/")
+    hidden = {name for name in flat["p"] if _hidden(name) in fan_in}
+    assert hidden == {k for k, d in _flat_dims(cfg).items() if d is not None}
     beta, wd = o.muon_momentum, o.muon_weight_decay
     lr = float(lr_schedule(o, cfg.train.steps, o.muon_lr)(1))  # the second update's learning rate
-    for name, n_in in fan_in.items():
-        part, leaf = name.split("/")
-        G1, G2, P = (np.asarray(t["blocks"][part][leaf], np.float64) for t in (g1, g2, params))
+    for name in sorted(hidden):
+        n_in = fan_in[_hidden(name)]
+        stacked = name.split("/")[1] in ("attn", "mlp")  # the built-in model's [layers, ...]
+        G1, G2, P = (np.asarray(flat[k][name], np.float64) for k in ("g1", "g2", "p"))
         mu = beta * (1 - beta) * G1 + (1 - beta) * G2
         # optax's Nesterov momentum, bias-corrected at step 2
         nesterov = beta * mu / (1 - beta**3) + (1 - beta) * G2 / (1 - beta**2)
-        ortho = np.stack([_newton_schulz(layer.reshape(n_in, -1)).reshape(layer.shape) for layer in nesterov])
-        n_out = ortho[0].size // n_in
+        orthogonalise = functools.partial(_orthogonalise, n_in=n_in, stacked=stacked)
+        ortho = orthogonalise(nesterov)
+        n_out = P.size // n_in // (P.shape[0] if stacked else 1)
         width = math.sqrt(max(1.0, n_out / n_in))  # Keller Jordan's scaling for wide outputs
         want = -lr * (width * ortho + wd * P)
         # Newton-Schulz in float32 against float64, the momentum's 6 roundings before it; then the
         # scaling, the decay term and the learning rate, a few roundings of values <= max|want|.
         ns = newton_schulz_terms(min(n_in, n_out), max(n_in, n_out), input_terms=6)
         bound = lr * width * tol(1.0, ns) + tol(np.abs(want).max(), 4)
-        got = np.asarray(updates["blocks"][part][leaf], np.float64)
+        got = np.asarray(flat_updates[name], np.float64)
         np.testing.assert_allclose(got, want, rtol=0, atol=bound, err_msg=f"{name} (bound {bound:.3g})")
         # Not vacuous: plain (not Nesterov) momentum, or a missing width scale, is outside the bound.
-        plain = np.stack([_newton_schulz(layer.reshape(n_in, -1)).reshape(layer.shape) for layer in mu])
-        assert np.abs(-lr * (width * plain + wd * P) - got).max() > bound, name
+        assert np.abs(-lr * (width * orthogonalise(mu) + wd * P) - got).max() > bound, name
         if width > 1:
             assert np.abs(-lr * (ortho + wd * P) - got).max() > bound, name
     # Every other weight gets exactly AdamW's update (elementwise: a few roundings apart).
     adamw_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, name="adamw"))
     adam_updates, _ = jax.jit(lambda *a: _two_updates(make_tx(adamw_cfg), *a))(params, g1, g2)
-    flat, flat_adam = (traverse_util.flatten_dict(u, sep="/") for u in (updates, adam_updates))
-    for name, d in _flat_dims(cfg).items():
-        if d is None:
-            assert_close(flat[name], flat_adam[name], 8, err_msg=name)
+    flat_adam = traverse_util.flatten_dict(adam_updates, sep="/")
+    for name in set(flat_updates) - hidden:
+        assert_close(flat_updates[name], flat_adam[name], 8, err_msg=name)
 
 
 SHARDABLE = {
