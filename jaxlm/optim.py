@@ -21,8 +21,6 @@ from jaxlm.config import ConfigError, OptimConfig
 
 MUON_NS_STEPS = 5
 """Newton-Schulz iterations per update (modded-nanogpt's), with optax's default quintic coefficients."""
-LOOKUP_AXES = ("vocab", "positions")
-"""A weight with one of these axes is an embedding table or the output head: AdamW's, not Muon's."""
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
@@ -52,7 +50,7 @@ def muon_dims(w: model.Weight) -> MuonDimensionNumbers | None:
     the lookup tables and output head (a ``vocab`` or ``positions`` axis) are AdamW's.
     """
     core = [i for i, a in enumerate(w.axes) if a != "layers"]
-    if len(core) < 2 or any(a in LOOKUP_AXES for a in w.axes):
+    if len(core) < 2 or any(a in model.TABLE_AXES for a in w.axes):
         return None
     first, last = w.axes[core[0]] == "embed", w.axes[core[-1]] == "embed"
     if first and not last:
@@ -70,7 +68,7 @@ def muon_dim_numbers(decls, model_name: str):
         dims = muon_dims(w)
         name = jax.tree_util.keystr(path, simple=True, separator=".")
         core = [a for a in w.axes if a != "layers"]
-        if dims is None and w.decay and len(core) >= 2 and not any(a in LOOKUP_AXES for a in w.axes):
+        if dims is None and w.decay and len(core) >= 2 and not any(a in model.TABLE_AXES for a in w.axes):
             raise ConfigError(
                 f"optim.name='muon': {model_name} parameter {name} "
                 f"has logical axes {w.axes}, a matrix without an 'embed' axis at exactly one end, so "
