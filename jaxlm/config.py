@@ -118,6 +118,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW for every parameter. muon: Muon (momentum orthogonalised by 5 Newton-Schulz
+    steps; Jordan et al. 2024, modded-nanogpt) for the hidden matrices of the blocks, the weights
+    whose first or last logical axis is ``embed`` (q, k, v, o, up, gate, down); the embeddings, the
+    output head, norms and biases keep exactly the AdamW below (lr, b1, b2, eps, weight_decay).
+    See docs/recipes.md#muon."""
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
@@ -126,9 +132,17 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    """AdamW decay; applied to matrices only, never to norms, biases or other vectors."""
+    """AdamW decay; applied to matrices only, never to norms, biases or other vectors. With
+    name='muon' it decays AdamW's matrices (embeddings, output head); Muon's use muon_weight_decay."""
     grad_clip: float = 1.0
     """Global-norm clipping threshold; 0 disables."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (name='muon'), on lr's warmup + cosine shape. An orthogonalised
+    update has unit singular values whatever the gradient's size, so it is ~30x AdamW's."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum coefficient (modded-nanogpt's 0.95)."""
+    muon_weight_decay: float = 0.0
+    """Decoupled weight decay of Muon's matrices, times muon_lr as AdamW's is times lr (modded-nanogpt: 0)."""
 
 
 @dataclass(frozen=True)
@@ -448,6 +462,11 @@ def validate(cfg: Config) -> Config:
     _need(o.eps > 0, "optim.eps", "must be positive")
     _need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _need(
+        o.muon_lr > 0, "optim.muon_lr", f"must be positive (modded-nanogpt uses 0.02-0.05), got {o.muon_lr}"
+    )
+    _need(0.0 <= o.muon_momentum < 1.0, "optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
+    _need(o.muon_weight_decay >= 0, "optim.muon_weight_decay", f"must be >= 0, got {o.muon_weight_decay}")
     _need(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
     _need(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     _need(

@@ -43,6 +43,12 @@ class Weight:
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
 
 
+TABLE_AXES = ("vocab", "positions")
+"""Logical axes of the lookup tables and the output head: the rows of a token or position
+embedding, the columns of the unembedding. (Outside the 6N of FLOPs as a table's first axis,
+jaxlm/nnx_model.py; never Muon's, jaxlm/optim.py.)"""
+
+
 def _norm_decl(cfg: ModelConfig, stacked: bool) -> dict[str, Weight]:
     lead, lead_axes = ((cfg.n_layers,), ("layers",)) if stacked else ((), ())
     decl = {"scale": Weight(lead + (cfg.d_model,), lead_axes + ("embed",), False, "ones")}

@@ -45,8 +45,6 @@ from flax import nnx, traverse_util
 from jaxlm import lm, model, sharding
 from jaxlm.config import ConfigError, ModelConfig
 
-LOOKUP_AXES = ("vocab", "positions")
-"""A table [V or P, ...] whose first logical axis is one of these is a lookup, outside the 6N of FLOPs."""
 NO_DECAY_NAMES = ("bias", "scale")
 """Flax's names for biases and norm scales: not decayed unless their metadata says decay=True."""
 
@@ -245,7 +243,8 @@ def build(cfg: ModelConfig) -> lm.LM:
     _check_call(key, cls.__name__, source, forward, decls, cfg)
     weights = jax.tree.leaves(decls, is_leaf=model.is_weight)
     count = sum(_counted(w, cfg.vocab_size) for w in weights)
-    tables = [w for w in weights if len(w.axes) >= 2 and w.axes[0] in LOOKUP_AXES]
+    # lookup tables, outside the 6N of FLOPs: a vocab or positions table [V or P, ...]
+    tables = [w for w in weights if len(w.axes) >= 2 and w.axes[0] in model.TABLE_AXES]
     tied = [w for w in tables if w.axes[0] == "vocab"] if getattr(cls, "tied_output", False) else []
     return lm.LM(
         cfg=cfg,

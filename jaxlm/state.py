@@ -16,7 +16,7 @@ from flax import struct
 
 from jaxlm import lm
 from jaxlm.config import Config
-from jaxlm.optim import make_optimizer
+from jaxlm.optim import make_optimizer, muon_dim_numbers
 from jaxlm.sharding import shardings
 
 
@@ -37,7 +37,9 @@ class TrainState:
 
 
 def make_tx(cfg: Config) -> optax.GradientTransformation:
-    return make_optimizer(cfg.optim, cfg.train.steps, lm.get(cfg.model).decay_mask())
+    model = lm.get(cfg.model)
+    dims = muon_dim_numbers(model.decls, model.name) if cfg.optim.name == "muon" else None
+    return make_optimizer(cfg.optim, cfg.train.steps, model.decay_mask(), dims)
 
 
 def init_state(cfg: Config, key: jax.Array) -> TrainState:
@@ -54,16 +56,39 @@ def state_shardings(cfg: Config, mesh: jax.sharding.Mesh) -> TrainState:
     """Params shard by their logical axes; optimizer moments like the params they track."""
     abstract = abstract_state(cfg)
     param_sh = shardings(mesh, lm.get(cfg.model).logical_axes(), abstract.params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = optax.tree_map_params(
-        make_tx(cfg),
-        lambda _, s: s,
-        abstract.opt_state,
-        param_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+    return TrainState(
+        step=_replicated(mesh), params=param_sh, opt_state=opt_state_shardings(abstract, param_sh, mesh)
     )
-    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def _replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def opt_state_shardings(abstract: TrainState, param_sh, mesh: jax.sharding.Mesh):
+    """A leaf of the optimizer state that sits under a parameter's path with that parameter's shape
+    (AdamW's mu and nu, Muon's momentum) is sharded like it; counts and constants are replicated.
+
+    Params are nested dicts, so a parameter's path is the run of dict keys that ends a leaf's path
+    (``.inner_states['muon'].inner_state[0].mu['blocks']['attn']['q']``). optax.tree_map_params
+    cannot say this for optax.partition, whose state holds the params tree with the other
+    partition's leaves masked out.
+    """
+    by_path = {
+        path: (sh, leaf.shape)
+        for (path, sh), leaf in zip(
+            jax.tree_util.tree_flatten_with_path(param_sh)[0], jax.tree.leaves(abstract.params), strict=True
+        )
+    }
+
+    def one(path, leaf):
+        n = len(path)
+        while n and isinstance(path[n - 1], jax.tree_util.DictKey):
+            n -= 1
+        sh, shape = by_path.get(tuple(path[n:]), (None, None))
+        return sh if sh is not None and shape == leaf.shape else _replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, abstract.opt_state)
 
 
 def create_state(cfg: Config, shardings_: TrainState) -> TrainState:

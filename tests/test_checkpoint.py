@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.py"
 NNX = ROOT / "experiments" / "nnx_gpt.py"  # a Flax NNX module: the same guarantees must hold
 STEPS = 40
+MUON = {"optim.name": "muon"}
 
 
 def _sets(tiny_data: str, run_dir: Path, name: str, **extra) -> list[str]:
@@ -97,6 +98,14 @@ def reference_run(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def muon_reference_run(tiny_data, tmp_path_factory) -> Path:
+    """The same uninterrupted run with Muon for the hidden matrices."""
+    runs = tmp_path_factory.mktemp("muon_reference")
+    assert train.run(_cfg(tiny_data, runs, "ref", **MUON))["status"] == "finished"
+    return runs / "ref"
+
+
+@pytest.fixture(scope="module")
 def nnx_reference_run(tiny_data, tmp_path_factory) -> Path:
     """The same uninterrupted run of experiments/nnx_gpt.py."""
     runs = tmp_path_factory.mktemp("nnx_reference")
@@ -111,6 +120,25 @@ def nnx_reference_run(tiny_data, tmp_path_factory) -> Path:
 
 def test_kill9_at_a_random_step_then_resume_reproduces_the_loss_curve(tiny_data, tmp_path, reference_run):
     _kill9_then_resume(tiny_data, tmp_path, reference_run, TINY)
+
+
+def test_kill9_then_resume_is_exact_with_muon_and_the_run_samples_and_exports(
+    tiny_data, tmp_path, muon_reference_run, capsys
+):
+    """`--set optim.name=muon` through the CLI: the loss falls, Muon's momentum is checkpointed and
+    restored (the resumed curve is bit for bit the uninterrupted one), and the run samples and exports."""
+    _kill9_then_resume(tiny_data, tmp_path, muon_reference_run, TINY, MUON)
+    run = tmp_path / "killed"
+    assert "params, optimizer state and step" in (run / "log.txt").read_text()
+    losses = _losses(run)
+    assert losses[STEPS] < losses[1] - 1.0, losses  # from ~ln 257 = 5.5
+    from jaxlm.cli import main as cli
+
+    capsys.readouterr()
+    assert cli(["sample", "--checkpoint", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()
 
 
 def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, nnx_reference_run, capsys):
@@ -129,12 +157,15 @@ def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, n
     assert not (tmp_path / "hf").exists()
 
 
-def _kill9_then_resume(tiny_data, tmp_path, reference_run, experiment: Path) -> None:
+def _kill9_then_resume(
+    tiny_data, tmp_path, reference_run, experiment: Path, extra: dict | None = None
+) -> None:
     """SIGKILL at a random step, resume: the loss curve and final params equal the uninterrupted
-    run's bit for bit (one program, one machine)."""
+    run's bit for bit (one program, one machine). ``extra``: more overrides for both runs."""
+    extra = extra or {}
     kill_after = random.randint(5, 14)
     run = tmp_path / "killed"
-    proc = _spawn(_sets(tiny_data, tmp_path, "killed"), experiment)
+    proc = _spawn(_sets(tiny_data, tmp_path, "killed", **extra), experiment)
     try:
         _read_until(proc, lambda s: s >= kill_after and checkpoint.complete_steps(run / "checkpoints"))
         proc.send_signal(signal.SIGKILL)
@@ -146,7 +177,7 @@ def _kill9_then_resume(tiny_data, tmp_path, reference_run, experiment: Path) -> 
     resumed_from = checkpoint.complete_steps(run / "checkpoints")[-1]
     assert kill_after <= max(before) < STEPS
 
-    summary = train.run(_cfg(tiny_data, tmp_path, "killed", experiment), resume=True)
+    summary = train.run(_cfg(tiny_data, tmp_path, "killed", experiment, **extra), resume=True)
     assert summary["status"] == "finished"
     assert f"resumed from {run / 'checkpoints' / str(resumed_from)}" in (run / "log.txt").read_text()
     # Bit for bit: one program on one machine, interrupted or not (no stored numbers).
@@ -259,15 +290,23 @@ def test_changed_optimizer_hyperparameters_keep_the_optimizer_state(tiny_data, t
     assert f"train.steps: {STEPS} -> {STEPS + 2}" in log
 
 
-def test_changed_optimizer_structure_restores_params_and_step_only(tiny_data, reference_run):
-    cfg = _cfg(tiny_data, reference_run.parent, "ref", **{"optim.grad_clip": 0})  # drops the clip state
+@pytest.mark.parametrize(
+    "change, note",
+    [
+        ({"optim.grad_clip": 0}, "optim.grad_clip: 1.0 -> 0.0"),  # drops the clip state
+        (MUON, "optim.name: 'adamw' -> 'muon'"),  # Muon's momentum for the matrices, no Adam moments
+    ],
+    ids=["grad_clip", "muon"],
+)
+def test_changed_optimizer_structure_restores_params_and_step_only(tiny_data, reference_run, change, note):
+    cfg = _cfg(tiny_data, reference_run.parent, "ref", **change)
     mesh = sharding.make_mesh(cfg.mesh)
     fresh = fresh_opt_state(cfg, state_shardings(cfg, mesh))
     state, step, notes = checkpoint.restore(
         reference_run / "checkpoints", _abstract(cfg, mesh), to_dict(cfg), fresh
     )
     assert step == STEPS and int(state["step"]) == STEPS
-    assert "optimizer state NOT restored" in notes[0] and "optim.grad_clip: 1.0 -> 0.0" in notes[1]
+    assert "optimizer state NOT restored" in notes[0] and note in notes[1]
     _assert_trees_equal(state["params"], checkpoint.load_params(reference_run).params)
     _assert_trees_equal(state["opt_state"], fresh(state["params"]))
 

@@ -16,6 +16,8 @@ mask) moves values by percents, hundreds of times more.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,42 @@ def grad_terms(cfg: ModelConfig, n_tokens: int) -> int:
     """Behind a gradient of the mean token loss: the backward pass retraces every stage of the
     forward (and the log-sum-exp), then each weight's gradient sums over all ``n_tokens``."""
     return 2 * forward_terms(cfg) + cfg.padded_vocab + n_tokens
+
+
+def newton_schulz_terms(
+    m: int, n: int, input_terms: int = 0, steps: int = 5, coeffs=(3.4445, -4.7750, 2.0315)
+) -> float:
+    """Behind one entry of Muon's orthogonalisation of an m x n matrix (m <= n), ``steps`` quintic
+    Newton-Schulz iterations X <- aX + (bA + cA²)X, A = XXᵀ, on X0 = G / ||G||_F; returned as a
+    count of terms of size 1, so ``tol(1, newton_schulz_terms(m, n))`` bounds an entry.
+
+    X0's singular values lie in [0, 1] and p(s) = as + bs³ + cs⁵ keeps them in [0, 1.21]. An
+    iteration rounds sums over n (A), m (A²) and m ((bA + cA²)X) terms of size up to
+    (|a| + |b| r² + |c| r⁴) r, r = 1.21; a perturbation of iterate k reaches the output through
+    steps - k more iterations, amplified by at most the Lipschitz constant of p composed that many
+    times on [-r, r] (the iteration is p on the singular values: for an odd p the matrix map is as
+    Lipschitz as p itself). The norm's rounding (a sum of mn squares, then a square root) rescales X0,
+    and the whole iteration maps a rescaling s -> s(1 + e) to at most max s |(p^steps)'(s)| e.
+    ``input_terms`` roundings of each entry of G before (Muon's momentum) move X0 by at most
+    input_terms x eps x ||X0||_F <= input_terms x eps x sqrt(m) in norm, amplified by the gain of
+    all the iterations. The gains are computed here from p on a fine grid."""
+    a, b, c = coeffs
+    r = 1.21
+    p = lambda s: a * s + b * s**3 + c * s**5
+    dp = lambda s: a + 3 * b * s**2 + 5 * c * s**4
+    s = np.linspace(0.0, r, 100_001)
+    gains, dx = [], np.ones_like(s)
+    for _ in range(steps + 1):
+        gains.append(float(np.abs(dx).max()))  # gains[j]: Lipschitz constant of p^j on [0, r]
+        dx, s = dx * dp(s), p(s)
+    s0 = np.linspace(0.0, 1.0, 100_001)
+    dx, s = np.ones_like(s0), s0.copy()
+    for _ in range(steps):
+        dx, s = dx * dp(s), p(s)
+    scale_gain = float(np.abs(dx * s0).max())
+    per_step = (n + 2 * m) * (abs(a) + abs(b) * r**2 + abs(c) * r**4) * r
+    return (
+        scale_gain * m * n / 2
+        + gains[steps] * input_terms * math.sqrt(m)
+        + sum(gains[steps - k] * per_step for k in range(1, steps + 1))
+    )
