@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.py"
 NNX = ROOT / "experiments" / "nnx_gpt.py"  # a Flax NNX module: the same guarantees must hold
 STEPS = 40
+# Sliding-window attention over documents: layer 0 windowed to 8 tokens, layer 1 global.
+WINDOW = {"model.attention_window": 8, "model.global_every": 2, "data.document_masking": "true"}
 
 
 def _sets(tiny_data: str, run_dir: Path, name: str, **extra) -> list[str]:
@@ -104,6 +106,14 @@ def nnx_reference_run(tiny_data, tmp_path_factory) -> Path:
     return runs / "ref"
 
 
+@pytest.fixture(scope="module")
+def window_reference_run(tiny_data, tmp_path_factory) -> Path:
+    """The same uninterrupted run with sliding-window attention (WINDOW)."""
+    runs = tmp_path_factory.mktemp("window_reference")
+    assert train.run(_cfg(tiny_data, runs, "ref", **WINDOW))["status"] == "finished"
+    return runs / "ref"
+
+
 # --------------------------------------------------------------------------------------------
 # Interrupted runs continue exactly.
 # --------------------------------------------------------------------------------------------
@@ -129,12 +139,30 @@ def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, n
     assert not (tmp_path / "hf").exists()
 
 
-def _kill9_then_resume(tiny_data, tmp_path, reference_run, experiment: Path) -> None:
+def test_kill9_then_resume_is_exact_with_sliding_window_attention(
+    tiny_data, tmp_path, window_reference_run, capsys
+):
+    _kill9_then_resume(tiny_data, tmp_path, window_reference_run, TINY, **WINDOW)
+    # The window comes back from the checkpoint for sampling, and export refuses it by name.
+    from jaxlm.cli import main as cli
+
+    run = str(tmp_path / "killed")
+    cfg = checkpoint.load_params(run)[0]
+    assert (cfg.model.attention_window, cfg.model.global_every) == (8, 2)
+    capsys.readouterr()
+    assert cli(["sample", "--checkpoint", run, "--prompt", "ROMEO:", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert cli(["export", "--checkpoint", run, "--out", str(tmp_path / "hf")]) == 2
+    assert "model.attention_window=8 (global_every=2)" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def _kill9_then_resume(tiny_data, tmp_path, reference_run, experiment: Path, **extra) -> None:
     """SIGKILL at a random step, resume: the loss curve and final params equal the uninterrupted
     run's bit for bit (one program, one machine)."""
     kill_after = random.randint(5, 14)
     run = tmp_path / "killed"
-    proc = _spawn(_sets(tiny_data, tmp_path, "killed"), experiment)
+    proc = _spawn(_sets(tiny_data, tmp_path, "killed", **extra), experiment)
     try:
         _read_until(proc, lambda s: s >= kill_after and checkpoint.complete_steps(run / "checkpoints"))
         proc.send_signal(signal.SIGKILL)
@@ -146,7 +174,7 @@ def _kill9_then_resume(tiny_data, tmp_path, reference_run, experiment: Path) -> 
     resumed_from = checkpoint.complete_steps(run / "checkpoints")[-1]
     assert kill_after <= max(before) < STEPS
 
-    summary = train.run(_cfg(tiny_data, tmp_path, "killed", experiment), resume=True)
+    summary = train.run(_cfg(tiny_data, tmp_path, "killed", experiment, **extra), resume=True)
     assert summary["status"] == "finished"
     assert f"resumed from {run / 'checkpoints' / str(resumed_from)}" in (run / "log.txt").read_text()
     # Bit for bit: one program on one machine, interrupted or not (no stored numbers).
