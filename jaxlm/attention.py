@@ -224,8 +224,8 @@ def attend(
     ``segment_ids_BxT`` (document masking): a query sees only earlier keys of its own segment;
     segment 0 (padding) sees only padding. ``window`` (static; 0: none): query t sees only the keys
     s with t - s < window. ``mask_BxTxS`` (True = visible) replaces the causal mask outright, for
-    callers such as a key/value cache, which fold any window into it themselves; give a mask or
-    segment ids and a window. ``interpret`` runs the splash kernel in the Pallas interpreter, so
+    callers such as a key/value cache, which fold any window into it themselves; give either a
+    mask, or segment ids and/or a window. ``interpret`` runs the splash kernel in the Pallas interpreter, so
     CPU tests can check it against the reference.
     """
     if mask_BxTxS is not None and segment_ids_BxT is not None:
