@@ -9,6 +9,12 @@ kernel (TPU; honours segment ids; sequence length a multiple of 128). ``auto`` p
 backend that supports the request. A backend that cannot honour a document (segment) mask or an
 explicit mask is refused with a ConfigError, never silently run without it.
 
+Sliding-window (local) attention, ``window=W > 0``: query t sees key s iff s <= t and t - s < W
+(and, with segment ids, both lie in one document, where t - s is also the position difference).
+Every backend honours it: reference and xla in their mask, blockwise by never computing the keys
+before its query block's window, cudnn through ``jax.nn.dot_product_attention``'s
+``local_window_size``, splash with a ``LocalMask``.
+
 Shapes: B batch, T query positions, S key positions, H query heads, G kv heads, R = H // G, K head dim.
 """
 
@@ -28,17 +34,24 @@ NO_EXPLICIT_MASK = ("blockwise", "cudnn", "splash")
 SPLASH_BLOCK = 128  # the splash kernel tiles T and S in blocks of (a multiple of) this
 
 
-def document_causal_mask(q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array) -> jax.Array:
-    """[B, T, S] bool: key s is visible to query t when s <= t and both lie in the same document."""
-    T, S = q_segment_ids_BxT.shape[1], kv_segment_ids_BxS.shape[1]
-    causal_TxS = jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :]
-    same_doc_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
-    return causal_TxS[None] & same_doc_BxTxS
-
-
-def causal_mask(T: int, S: int | None = None) -> jax.Array:
+def causal_mask(T: int, S: int | None = None, window: int = 0) -> jax.Array:
+    """[1, T, S] bool, the last query aligned to the last key: query t (at key index t + S - T)
+    sees key s when 0 <= t + S - T - s, and, for ``window > 0``, t + S - T - s < window."""
     S = T if S is None else S
-    return (jnp.arange(T)[:, None] + (S - T) >= jnp.arange(S)[None, :])[None]
+    distance_TxS = jnp.arange(T)[:, None] + (S - T) - jnp.arange(S)[None, :]
+    visible_TxS = distance_TxS >= 0
+    if window:
+        visible_TxS &= distance_TxS < window
+    return visible_TxS[None]
+
+
+def document_causal_mask(
+    q_segment_ids_BxT: jax.Array, kv_segment_ids_BxS: jax.Array, window: int = 0
+) -> jax.Array:
+    """[B, T, S] bool: ``causal_mask`` (with its window), and both in the same document."""
+    T, S = q_segment_ids_BxT.shape[1], kv_segment_ids_BxS.shape[1]
+    same_doc_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
+    return causal_mask(T, S, window) & same_doc_BxTxS
 
 
 def resolve_backend(
@@ -118,18 +131,21 @@ def causal_blocks(T: int, max_blocks: int = 8, min_block: int = 128) -> list[tup
     return [(start, min(start + size, T)) for start in range(0, T, size)]
 
 
-def _blockwise(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT):
+def _blockwise(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxT, window: int):
     """Causal self-attention one query block at a time, each over the keys up to its last query
     only: the score blocks above the diagonal, which the causal mask would throw away, are never
-    computed (7/16 of the scores and their memory traffic at 8 blocks)."""
+    computed (7/16 of the scores and their memory traffic at 8 blocks). With a window, neither are
+    the keys before the block's first query's window."""
     outs = []
     for start, end in causal_blocks(q_BxTxHxK.shape[1]):
+        lo = max(0, start - window + 1) if window else 0
         if segment_ids_BxT is None:
-            mask_BxTxS = causal_mask(end - start, end)
+            mask_BxTxS = causal_mask(end - start, end - lo, window)
         else:
-            mask_BxTxS = document_causal_mask(segment_ids_BxT[:, start:end], segment_ids_BxT[:, :end])
+            seg_q, seg_kv = segment_ids_BxT[:, start:end], segment_ids_BxT[:, lo:end]
+            mask_BxTxS = document_causal_mask(seg_q, seg_kv, window)
         q = q_BxTxHxK[:, start:end]
-        outs.append(_reference(q, k_BxTxGxK[:, :end], v_BxTxGxK[:, :end], mask_BxTxS))
+        outs.append(_reference(q, k_BxTxGxK[:, lo:end], v_BxTxGxK[:, lo:end], mask_BxTxS))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -145,16 +161,22 @@ def splash_block_sizes(T: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _splash_kernel(H: int, T: int, interpret: bool):
+def _splash_kernel(H: int, T: int, window: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    mask = sa.MultiHeadMask([sa.CausalMask((T, T))] * H)
-    return sa.make_splash_mha(
-        mask, block_sizes=splash_block_sizes(T), head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    # LocalMask((W - 1, 0)): q - (W - 1) <= kv <= q, causal and windowed; the kernel skips the
+    # blocks wholly outside it
+    one = sa.LocalMask((T, T), (window - 1, 0), offset=0) if window else sa.CausalMask((T, T))
+    mask = sa.MultiHeadMask([one] * H)
+    # Built outside any trace, so the mask tables the kernel keeps are constants: the cached kernel
+    # is reused under later jits, into which values made under the first one would leak as tracers.
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(
+            mask, block_sizes=splash_block_sizes(T), head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
-def _splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, interpret: bool):
+def _splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window: int, interpret: bool):
     """Pallas splash attention, vmapped over the batch, under shard_map when a mesh is set (a
     Pallas call cannot be partitioned automatically: each device runs it on its batch rows and heads)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
@@ -166,7 +188,7 @@ def _splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, interpret: bool):
         segment_ids_BxT = jnp.ones((B, T), jnp.int32)
 
     def local(q_BxHxTxK, k_BxGxSxK, v_BxGxSxK, seg_BxT):
-        kernel = _splash_kernel(q_BxHxTxK.shape[1], T, interpret)
+        kernel = _splash_kernel(q_BxHxTxK.shape[1], T, window, interpret)
         # the kernel takes queries pre-scaled; grouped kv heads are shared by H // G query heads
         q_BxHxTxK = q_BxHxTxK * jnp.asarray(1 / np.sqrt(K), q_BxHxTxK.dtype)
         ids = sa.SegmentIds(q=seg_BxT, kv=seg_BxT)
@@ -194,17 +216,22 @@ def attend(
     backend: str = "auto",
     *,
     segment_ids_BxT: jax.Array | None = None,
+    window: int = 0,
     interpret: bool = False,
 ) -> jax.Array:
     """Multi-head (grouped-query) causal attention, the last query aligned to the last key.
 
     ``segment_ids_BxT`` (document masking): a query sees only earlier keys of its own segment;
-    segment 0 (padding) sees only padding. ``mask_BxTxS`` (True = visible) replaces the causal mask
-    outright, for callers such as a key/value cache; give one or the other. ``interpret`` runs the
-    splash kernel in the Pallas interpreter, so CPU tests can check it against the reference.
+    segment 0 (padding) sees only padding. ``window`` (static; 0: none): query t sees only the keys
+    s with t - s < window. ``mask_BxTxS`` (True = visible) replaces the causal mask outright, for
+    callers such as a key/value cache, which fold any window into it themselves; give either a
+    mask, or segment ids and/or a window. ``interpret`` runs the splash kernel in the Pallas interpreter, so
+    CPU tests can check it against the reference.
     """
     if mask_BxTxS is not None and segment_ids_BxT is not None:
         raise ValueError("attend: pass mask_BxTxS or segment_ids_BxT, not both")
+    if mask_BxTxS is not None and window:
+        raise ValueError("attend: fold the window into mask_BxTxS; an explicit mask replaces it")
     T, S = q_BxTxHxK.shape[1], k_BxSxGxK.shape[1]
     impl = resolve_backend(
         backend,
@@ -215,17 +242,19 @@ def attend(
         platform="tpu" if interpret else None,
     )
     if impl == "cudnn":
+        # (W - 1, 0): the W - 1 keys before the query and none after (cuDNN's sliding window W)
+        local = (window - 1, 0) if window else None
         return jax.nn.dot_product_attention(
-            q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=True, implementation="cudnn"
+            q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, is_causal=True, local_window_size=local, implementation="cudnn"
         )
     if impl == "splash":
-        return _splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, interpret)
+        return _splash(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window, interpret)
     if impl == "blockwise":
-        return _blockwise(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT)
+        return _blockwise(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window)
     if segment_ids_BxT is not None:
-        mask_BxTxS = document_causal_mask(segment_ids_BxT, segment_ids_BxT)
+        mask_BxTxS = document_causal_mask(segment_ids_BxT, segment_ids_BxT, window)
     elif mask_BxTxS is None:
-        mask_BxTxS = causal_mask(T, S)
+        mask_BxTxS = causal_mask(T, S, window)
     if impl == "reference":
         return _reference(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxTxS)
     return jax.nn.dot_product_attention(

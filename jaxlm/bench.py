@@ -286,7 +286,8 @@ PARITY_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 def attention_parity(cfg: ModelConfig, rows: int = 2, repeats: int = 5) -> list[dict[str, Any]]:
     """Every attention backend against the float32 reference on this device, at the model's heads,
-    head dim, sequence length and compute dtype: causal batches, and packed ones (segment ids).
+    head dim, sequence length, compute dtype and sliding window (model.attention_window, applied
+    to every row when set): causal batches, and packed ones (segment ids).
 
     For each backend and batch kind: the largest error of the output and of dq, dk, dv, relative to
     the largest reference value, whether that is within ``PARITY_TOLERANCE``, and the forward +
@@ -334,8 +335,8 @@ def attention_parity(cfg: ModelConfig, rows: int = 2, repeats: int = 5) -> list[
         seconds = _best_seconds(f, q, k, v, repeats=repeats)
         return {"errors": errors, "ok": max(errors.values()) <= tol, "ms": 1e3 * seconds}
 
-    def backend(name, seg):
-        return lambda q, k, v: attend(q, k, v, backend=name, segment_ids_BxT=seg)
+    def backend(name, seg):  # with the model's sliding window, if it has one
+        return lambda q, k, v: attend(q, k, v, backend=name, segment_ids_BxT=seg, window=cfg.attention_window)
 
     results, want, seg_packed = [], {}, jnp.asarray(packed)
     for kind, seg in (("causal", None), ("packed", seg_packed)):

@@ -62,6 +62,17 @@ class ModelConfig:
     """auto: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slower)."""
     attention: Literal["auto", "reference", "blockwise", "xla", "cudnn", "splash"] = "auto"
     """Attention backend; auto picks the fastest one that supports the request on this device."""
+    attention_window: int = 0
+    """Sliding-window (local) attention: 0 (off) attends over the whole causal context; W > 0 lets
+    query t see key s only when s <= t and t - s < W (token distance; with data.document_masking
+    also only within t's document, where it equals the position difference). Applies to the layers
+    ``global_every`` leaves windowed, in training, evaluation and cached decoding alike; must be
+    below seq_len (a window that long hides nothing). Every backend honours it. Hugging Face export
+    refuses it by name (GPT-2 and Llama attend over the whole context)."""
+    global_every: int = 0
+    """With attention_window > 0: every k-th layer (layers k-1, 2k-1, ..., counting from 0, as
+    Gemma 2 with k=2 and Gemma 3 with k=6) keeps full causal attention and the others are
+    windowed; 0 (default) windows every layer (Mistral). Must lie in [2, n_layers] when set."""
     remat: Literal["none", "full", "save_matmuls"] = "none"
     """Rematerialisation policy of each transformer block."""
     logits_chunk: int = 0
@@ -443,6 +454,19 @@ def validate(cfg: Config) -> Config:
     _need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _need(m.init_std > 0, "model.init_std", "must be positive")
     _need(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0 disables chunking)")
+    _need(
+        0 <= m.attention_window < m.seq_len,
+        "model.attention_window",
+        f"must be 0 (full attention) or a window of 1 to seq_len - 1 = {m.seq_len - 1} tokens, got "
+        f"{m.attention_window}",
+    )
+    _need(
+        m.global_every == 0 or (m.attention_window > 0 and 2 <= m.global_every <= m.n_layers),
+        "model.global_every",
+        f"global_every={m.global_every} with attention_window={m.attention_window} and n_layers="
+        f"{m.n_layers}: set it to 0 (every layer windowed), or to k in [2, n_layers] with "
+        "model.attention_window > 0 (every k-th layer global; 1 would window no layer)",
+    )
     _need(
         0 <= m.z_loss < float("inf"),  # NaN fails both comparisons
         "model.z_loss",

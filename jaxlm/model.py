@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.attention import attend
 from jaxlm.config import ModelConfig
@@ -255,6 +256,17 @@ class KVCache(NamedTuple):
     mask_BxTxS: jax.Array
 
 
+def windowed_layers(cfg: ModelConfig) -> np.ndarray:
+    """[L] bool: the layers that attend within ``cfg.attention_window``; the rest attend over the
+    whole causal context. Every layer without global_every, else all but every global_every-th."""
+    layer_L = np.arange(cfg.n_layers)
+    if not cfg.attention_window:
+        return np.zeros(cfg.n_layers, bool)
+    if not cfg.global_every:
+        return np.ones(cfg.n_layers, bool)
+    return (layer_L + 1) % cfg.global_every != 0
+
+
 def block(
     p: Params,
     x_BxTxD: jax.Array,
@@ -263,20 +275,39 @@ def block(
     *,
     segment_ids_BxT: jax.Array | None = None,
     cache: KVCache | None = None,
+    windowed: jax.Array | bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """One pre-norm transformer block, x + attn(norm(x)) then x + mlp(norm(x)), for training and
     decoding alike: with ``cache=None`` the T positions attend to each other (causal, within their
     segment when ``segment_ids`` are given); with a cache they attend over the cache after writing
-    their own keys/values into it. Returns (x, the updated cache or None)."""
+    their own keys/values into it. ``windowed`` (this layer's entry of ``windowed_layers``, traced
+    under the layer scan) limits attention to ``cfg.attention_window``. Returns (x, the updated
+    cache or None)."""
+    W = cfg.attention_window
+    if not W or not cfg.global_every:  # every layer alike: static, so each backend sees it when traced
+        windowed = bool(W)
+
+    def self_attend(window: int):
+        return lambda q, k, v: attend(
+            q, k, v, backend=cfg.attention, segment_ids_BxT=segment_ids_BxT, window=window
+        )
+
     with jax.named_scope("attention"):
         h = norm(p["attn_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
         q, k, v = qkv(p["attn"], h, positions_BxT, cfg)
-        if cache is None:
-            o_BxTxHxK = attend(q, k, v, backend=cfg.attention, segment_ids_BxT=segment_ids_BxT)
+        if cache is None and isinstance(windowed, bool):
+            o_BxTxHxK = self_attend(W if windowed else 0)(q, k, v)
+        elif cache is None:  # windowed and global layers in one scan: the layer's flag picks one
+            o_BxTxHxK = jax.lax.cond(windowed, self_attend(W), self_attend(0), q, k, v)
         else:
             write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache.start, 1)
             cache = cache._replace(k_BxSxGxK=write(cache.k_BxSxGxK, k), v_BxSxGxK=write(cache.v_BxSxGxK, v))
-            o_BxTxHxK = attend(q, cache.k_BxSxGxK, cache.v_BxSxGxK, cache.mask_BxTxS, cfg.attention)
+            mask_BxTxS = cache.mask_BxTxS
+            if W:  # a row's slots are its positions shifted by its padding: slot distance is token distance
+                T, S = q.shape[1], cache.k_BxSxGxK.shape[1]
+                distance_TxS = (cache.start + jnp.arange(T))[:, None] - jnp.arange(S)[None, :]
+                mask_BxTxS = mask_BxTxS & ((distance_TxS < W) | ~jnp.asarray(windowed))[None]
+            o_BxTxHxK = attend(q, cache.k_BxSxGxK, cache.v_BxSxGxK, mask_BxTxS, cfg.attention)
         x_BxTxD = x_BxTxD + attn_out(p["attn"], o_BxTxHxK)
     with jax.named_scope("mlp"):
         h = norm(p["mlp_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
@@ -322,12 +353,13 @@ def decoder(
     (document), and padding (segment 0) sees only padding.
     """
 
-    def body(x, p_layer):
-        return block(p_layer, x, positions_BxT, cfg, segment_ids_BxT=segment_ids_BxT)
+    def body(x, layer):
+        p_layer, windowed = layer
+        return block(p_layer, x, positions_BxT, cfg, segment_ids_BxT=segment_ids_BxT, windowed=windowed)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, params["blocks"])
+    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (params["blocks"], jnp.asarray(windowed_layers(cfg))))
     return norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
 
 

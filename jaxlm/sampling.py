@@ -50,7 +50,8 @@ def hidden_cached(
     """Final-normed hidden states [B, T, D] of tokens at cache slots [start, start + T).
 
     Row b's slot s holds position s - pad_b; a query sees the written slots up to its own that
-    are not padding (a pad query sees only itself, so no softmax row is empty).
+    are not padding (a pad query sees only itself, so no softmax row is empty), and in a windowed
+    layer only the last ``model.attention_window`` of them.
     """
     cfg = _decode_cfg(cfg)
     T, S = tokens_BxT.shape[1], cache["k"].shape[2]
@@ -61,10 +62,12 @@ def hidden_cached(
     params = model.cast(params, model.compute_dtype(cfg))
     x_BxTxD = model.embed(params, tokens_BxT, positions_BxT, cfg)
 
-    def layer(carry, p_layer):
-        x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i = carry
+    def layer(carry, xs):
+        (x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i), (p_layer, windowed) = carry, xs
         layer_cache = model.KVCache(k_LxBxSxGxK[layer_i], v_LxBxSxGxK[layer_i], start, mask_BxTxS)
-        x_BxTxD, layer_cache = model.block(p_layer, x_BxTxD, positions_BxT, cfg, cache=layer_cache)
+        x_BxTxD, layer_cache = model.block(
+            p_layer, x_BxTxD, positions_BxT, cfg, cache=layer_cache, windowed=windowed
+        )
         # Write back only the T new slots, so the cache is updated in place, not copied per step.
         at = (layer_i, 0, start, 0, 0)
         new_k = jax.lax.dynamic_slice_in_dim(layer_cache.k_BxSxGxK, start, T, 1)[None]
@@ -74,7 +77,8 @@ def hidden_cached(
         return (x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i + 1), None
 
     init = (x_BxTxD, cache["k"], cache["v"], jnp.zeros((), jnp.int32))
-    (x_BxTxD, k, v, _), _ = jax.lax.scan(layer, init, params["blocks"])
+    xs = (params["blocks"], jnp.asarray(model.windowed_layers(cfg)))
+    (x_BxTxD, k, v, _), _ = jax.lax.scan(layer, init, xs)
     x_BxTxD = model.norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
     return x_BxTxD, {"k": k, "v": v}
 

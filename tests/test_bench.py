@@ -215,7 +215,7 @@ def test_attention_parity_fails_a_backend_that_drops_the_document_mask(monkeypat
     from jaxlm import attention
 
     original = attention._blockwise
-    monkeypatch.setattr(attention, "_blockwise", lambda q, k, v, seg: original(q, k, v, None))
+    monkeypatch.setattr(attention, "_blockwise", lambda q, k, v, seg, window: original(q, k, v, None, window))
     rc = cli.main(["bench", "experiments/tiny.py", "--attention-parity"])
     text = capsys.readouterr().out
     assert rc == 1

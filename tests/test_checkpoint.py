@@ -30,7 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.py"
 NNX = ROOT / "experiments" / "nnx_gpt.py"  # a Flax NNX module: the same guarantees must hold
 STEPS = 40
-MUON = {"optim.name": "muon"}
+# Recipe options in one run: Muon for the hidden matrices, and sliding-window attention over
+# documents (layer 0 windowed to 8 tokens, layer 1 global).
+RECIPE = {
+    "optim.name": "muon",
+    "model.attention_window": 8,
+    "model.global_every": 2,
+    "data.document_masking": "true",
+}
 
 
 def _sets(tiny_data: str, run_dir: Path, name: str, **extra) -> list[str]:
@@ -98,10 +105,10 @@ def reference_run(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def muon_reference_run(tiny_data, tmp_path_factory) -> Path:
-    """The same uninterrupted run with Muon for the hidden matrices."""
-    runs = tmp_path_factory.mktemp("muon_reference")
-    assert train.run(_cfg(tiny_data, runs, "ref", **MUON))["status"] == "finished"
+def recipe_reference_run(tiny_data, tmp_path_factory) -> Path:
+    """The same uninterrupted run with the RECIPE options."""
+    runs = tmp_path_factory.mktemp("recipe_reference")
+    assert train.run(_cfg(tiny_data, runs, "ref", **RECIPE))["status"] == "finished"
     return runs / "ref"
 
 
@@ -122,23 +129,27 @@ def test_kill9_at_a_random_step_then_resume_reproduces_the_loss_curve(tiny_data,
     _kill9_then_resume(tiny_data, tmp_path, reference_run, TINY)
 
 
-def test_kill9_then_resume_is_exact_with_muon_and_the_run_samples_and_exports(
-    tiny_data, tmp_path, muon_reference_run, capsys
+def test_kill9_then_resume_is_exact_with_muon_and_sliding_window_attention(
+    tiny_data, tmp_path, recipe_reference_run, capsys
 ):
-    """`--set optim.name=muon` through the CLI: the loss falls, Muon's momentum is checkpointed and
-    restored (the resumed curve is bit for bit the uninterrupted one), and the run samples and exports."""
-    _kill9_then_resume(tiny_data, tmp_path, muon_reference_run, TINY, MUON)
+    """`--set optim.name=muon model.attention_window=8 ...` through the CLI: the loss falls, Muon's
+    momentum is checkpointed and restored (the resumed curve is bit for bit the uninterrupted one),
+    the window comes back from the checkpoint for sampling, and export refuses the window by name."""
+    _kill9_then_resume(tiny_data, tmp_path, recipe_reference_run, TINY, RECIPE)
     run = tmp_path / "killed"
     assert "params, optimizer state and step" in (run / "log.txt").read_text()
     losses = _losses(run)
     assert losses[STEPS] < losses[1] - 1.0, losses  # from ~ln 257 = 5.5
+    cfg = checkpoint.load_params(str(run))[0]
+    assert (cfg.model.attention_window, cfg.model.global_every) == (8, 2)
     from jaxlm.cli import main as cli
 
     capsys.readouterr()
-    assert cli(["sample", "--checkpoint", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
+    assert cli(["sample", "--checkpoint", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
-    assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "config.json").exists()
+    assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
+    assert "model.attention_window=8 (global_every=2)" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, nnx_reference_run, capsys):
@@ -294,7 +305,10 @@ def test_changed_optimizer_hyperparameters_keep_the_optimizer_state(tiny_data, t
     "change, note",
     [
         ({"optim.grad_clip": 0}, "optim.grad_clip: 1.0 -> 0.0"),  # drops the clip state
-        (MUON, "optim.name: 'adamw' -> 'muon'"),  # Muon's momentum for the matrices, no Adam moments
+        (
+            {"optim.name": "muon"},
+            "optim.name: 'adamw' -> 'muon'",
+        ),  # Muon's momentum for the matrices, no Adam moments
     ],
     ids=["grad_clip", "muon"],
 )

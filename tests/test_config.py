@@ -46,6 +46,9 @@ def test_overrides_parse_against_declared_types():
         ("model.z_loss", "nan", "model.z_loss: must be a finite number >= 0"),
         ("model.mlp", "relu", "choose one of ['gelu', 'swiglu', 'relu2']"),
         ("model.qk_norm", "maybe", "not a bool"),
+        ("model.attention_window", "-1", "must be 0 (full attention) or a window of 1 to seq_len - 1 = 1023"),
+        ("model.attention_window", "1024", "tokens, got 1024"),
+        ("model.global_every", "2", "global_every=2 with attention_window=0"),
     ],
 )
 def test_bad_overrides_name_the_key(key, value, needle):
@@ -53,6 +56,14 @@ def test_bad_overrides_name_the_key(key, value, needle):
         apply_overrides(Config(), {key: value})
     assert needle in str(e.value)
     assert key.split(".")[0] in str(e.value) or "valid sections" in str(e.value)
+
+
+@pytest.mark.parametrize("k", [1, 13, -2])
+def test_global_every_must_leave_both_kinds_of_layer(k):
+    """1 would make every layer global, more than n_layers=12 none; either is a mistake, named."""
+    with pytest.raises(ConfigError, match=rf"model.global_every: global_every={k} with attention_window=64"):
+        apply_overrides(Config(), {"model.attention_window": "64", "model.global_every": str(k)})
+    assert apply_overrides(Config(), {"model.attention_window": "64", "model.global_every": "12"})
 
 
 def test_python_values_are_type_checked():

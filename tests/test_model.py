@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,21 +40,77 @@ def test_every_weight_declared_once_with_axes():
     assert jax.tree.map(lambda p: p.shape, params) == shapes
 
 
+def _input_dependence(cfg, T, segment_ids_BxT=None) -> np.ndarray:
+    """[t, s]: sum |d out[t] / d input[s]| of the decoder over given input embeddings."""
+    params = model.init_params(cfg, jax.random.key(1))
+    tokens, positions_BxT = _inputs(cfg, B=1, T=T)
+    x_BxTxD = model.embed(params, tokens, positions_BxT, cfg)
+
+    def out_T(x_emb):
+        return model.decoder(params, x_emb, positions_BxT, segment_ids_BxT, cfg)[0].sum(-1)
+
+    return np.asarray(jnp.abs(jax.jit(jax.jacrev(out_T))(x_BxTxD)[:, 0]).sum(-1))
+
+
 @pytest.mark.parametrize("positions", ["learned", "rope", "sinusoidal"])
 def test_causality_through_gradients(positions):
     """d logits[t] / d input[s] is exactly zero for every s > t and non-zero for s <= t."""
     cfg = dataclasses.replace(TINY, positions=positions, n_kv_heads=2, compute_dtype="float32")
-    params = model.init_params(cfg, jax.random.key(1))
-    tokens, positions_BxT = _inputs(cfg, B=1, T=8)
-    x_BxTxD = model.embed(params, tokens, positions_BxT, cfg)
-
-    def out_T(x_emb):
-        # the decoder over given input embeddings, so d out[t] / d input[s] is visible per position
-        return model.decoder(params, x_emb, positions_BxT, None, cfg)[0].sum(-1)
-
-    jac_TxT = jnp.abs(jax.jit(jax.jacrev(out_T))(x_BxTxD)[:, 0]).sum(-1)  # [t, s]
+    jac_TxT = _input_dependence(cfg, 8)
     assert np.all(np.triu(jac_TxT, k=1) == 0.0), jac_TxT  # no output depends on a later input
     assert np.all(jac_TxT[np.tril_indices(8)] > 0.0), jac_TxT  # and every earlier input matters
+
+
+@pytest.mark.parametrize(
+    "n_layers, global_every, documents, reach",
+    [
+        (1, 0, False, 2),  # one windowed layer: t sees t-2..t
+        (2, 0, False, 4),  # two: each adds window - 1 more
+        (2, 0, True, 4),  # and never across a document boundary
+        (2, 2, False, 11),  # the second layer is global: the whole causal context
+    ],
+)
+def test_sliding_window_through_gradients(n_layers, global_every, documents, reach):
+    """With a window of 3, d out[t] / d input[s] is non-zero exactly for 0 <= t - s <= reach, the
+    window - 1 = 2 tokens per windowed layer (the whole context once a layer is global), within t's
+    document."""
+    T = 12
+    cfg = dataclasses.replace(
+        TINY, n_layers=n_layers, attention_window=3, global_every=global_every, compute_dtype="float32"
+    )
+    seg_T = np.array([1] * 5 + [2] * 7) if documents else np.ones(T, int)
+    jac_TxT = _input_dependence(cfg, T, jnp.asarray(seg_T)[None] if documents else None)
+    distance_TxT = np.arange(T)[:, None] - np.arange(T)[None, :]
+    visible = (distance_TxT >= 0) & (distance_TxT <= reach) & (seg_T[:, None] == seg_T[None, :])
+    assert np.all(jac_TxT[~visible] == 0.0), jac_TxT
+    assert np.all(jac_TxT[visible] > 0.0), jac_TxT
+
+
+def test_global_every_windows_exactly_the_layers_it_says():
+    """global_every=k keeps layers k-1, 2k-1, ... global: the scanned decoder equals the layers run
+    one by one with exactly those windowed, and not the pattern shifted by one layer."""
+    assert model.windowed_layers(dataclasses.replace(TINY, n_layers=6, attention_window=4)).all()
+    six = dataclasses.replace(TINY, n_layers=6, attention_window=4, global_every=3)
+    assert model.windowed_layers(six).tolist() == [True, True, False, True, True, False]
+    assert not model.windowed_layers(dataclasses.replace(TINY, n_layers=6)).any()
+
+    cfg = dataclasses.replace(TINY, n_layers=3, attention_window=3, global_every=2, compute_dtype="float32")
+    params = model.init_params(cfg, jax.random.key(3))
+    tokens, pos = _inputs(cfg, B=2, T=16)
+    x_BxTxD = model.embed(params, tokens, pos, cfg)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def layer_by_layer(windowed_L):
+        x = x_BxTxD
+        for i, windowed in enumerate(windowed_L):
+            p_layer = jax.tree.map(lambda w, i=i: w[i], params["blocks"])
+            x, _ = model.block(p_layer, x, pos, cfg, windowed=windowed)
+        return model.norm(params["final_norm"], x, cfg.norm, cfg.norm_eps)
+
+    scanned = model.decoder(params, x_BxTxD, pos, None, cfg)
+    assert_close(scanned, layer_by_layer((True, False, True)), forward_terms(cfg))
+    shifted = layer_by_layer((False, True, False))
+    assert np.abs(np.asarray(scanned - shifted)).max() > 1e-3
 
 
 def test_document_masking_blocks_attention_across_documents():

@@ -21,6 +21,9 @@ VARIANTS = {
     "sinusoidal-mqa-untied": dict(positions="sinusoidal", n_kv_heads=1, tie_embeddings=False),
     "rope-qk_norm-gqa": dict(positions="rope", n_kv_heads=2, qk_norm=True),
     "learned-relu2": dict(positions="learned", mlp="relu2"),
+    # windows of 3 and 4 tokens, far fewer than the up to 15 each row decodes over
+    "learned-window": dict(positions="learned", norm="layernorm", use_bias=True, attention_window=3),
+    "rope-window-global_every-gqa": dict(positions="rope", n_kv_heads=2, attention_window=4, global_every=2),
 }
 
 

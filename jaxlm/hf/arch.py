@@ -65,6 +65,13 @@ def architecture(m: ModelConfig) -> str:
             "model.qk_norm=True: neither GPT-2 nor Llama normalises queries and keys (transformers' "
             "Qwen3 does, and is not an export target yet); train with qk_norm=false to export"
         )
+    if m.attention_window:
+        pattern = f" (global_every={m.global_every})" if m.global_every else ""
+        problems.append(
+            f"model.attention_window={m.attention_window}{pattern}: GPT-2 and Llama attend over the "
+            "whole context (transformers' Mistral and Gemma 2 window, and are not export targets "
+            "yet); train with attention_window=0 to export"
+        )
     for key, value in want.items():
         if getattr(m, key) != value:
             problems.append(
