@@ -65,9 +65,14 @@ def peak_tflops(device_kind: str) -> float | None:
 
 
 def flops_per_token(cfg: ModelConfig) -> dict[str, int]:
-    """Model FLOPs of forward + backward per token: {"dense": 6N, "attention": 12LHQT, "total"}."""
+    """Model FLOPs of forward + backward per token: {"dense": 6N, "attention": 12LHQT, "total"}.
+
+    T is the keys a query's layer may attend to, counted in full as PaLM's MFU does (not halved for
+    the causal mask): seq_len in a global layer, ``attention_window`` in a windowed one."""
     dense = 6 * lm.get(cfg).flop_params
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * cfg.seq_len
+    windowed = int(model.windowed_layers(cfg).sum())
+    keys = (cfg.n_layers - windowed) * cfg.seq_len + windowed * min(cfg.attention_window, cfg.seq_len)
+    attention = 12 * cfg.n_heads * cfg.dim_per_head * keys
     return {"dense": dense, "attention": attention, "total": dense + attention}
 
 

@@ -40,6 +40,9 @@ def test_flop_count_matches_a_hand_count():
     gpt2 = PRESETS["gpt2-124m"]
     assert lm.get(gpt2).flop_params == 124_439_808 - 1024 * 768 == 123_653_376
     assert bench.flops_per_token(gpt2)["attention"] == 12 * 12 * 12 * 64 * 1024
+    # sliding windows: a windowed layer's queries attend to W keys, a global layer's to seq_len
+    local = dataclasses.replace(gpt2, attention_window=256, global_every=4)  # layers 3, 7, 11 global
+    assert bench.flops_per_token(local)["attention"] == 12 * 12 * 64 * (3 * 1024 + 9 * 256)
 
 
 def test_flop_count_matches_xla_cost_analysis():
