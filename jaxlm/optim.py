@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -24,8 +25,23 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask) -> optax.GradientTransformation:
-    """``decay_mask`` is a pytree of bools like the params (see ``model.decay_mask``)."""
+def scale_by_lr_mults(lr_mults) -> optax.GradientTransformation:
+    """Multiply each parameter's update by its own factor (a pytree of floats like the params, see
+    ``lm.LM.lr_mults``): per-parameter learning rates, as µP needs. It scales AdamW's whole step,
+    its decoupled weight decay included, as torch's per-group lr (and the mup package's MuAdamW) do."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, lr_mults), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, decay_mask, lr_mults=None
+) -> optax.GradientTransformation:
+    """``decay_mask`` is a pytree of bools like the params (see ``model.decay_mask``); ``lr_mults``,
+    if given, a pytree of per-parameter learning-rate factors (``scale_by_lr_mults``)."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(
         optax.adamw(
@@ -37,4 +53,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, decay_mask) -> optax.Grad
             mask=decay_mask,
         )
     )
+    if lr_mults is not None:
+        parts.append(scale_by_lr_mults(lr_mults))
     return optax.chain(*parts)

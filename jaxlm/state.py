@@ -37,7 +37,8 @@ class TrainState:
 
 
 def make_tx(cfg: Config) -> optax.GradientTransformation:
-    return make_optimizer(cfg.optim, cfg.train.steps, lm.get(cfg.model).decay_mask())
+    model = lm.get(cfg.model)
+    return make_optimizer(cfg.optim, cfg.train.steps, model.decay_mask(), model.lr_mults())
 
 
 def init_state(cfg: Config, key: jax.Array) -> TrainState:

@@ -21,6 +21,8 @@ VARIANTS = {
     "sinusoidal-mqa-untied": dict(positions="sinusoidal", n_kv_heads=1, tie_embeddings=False),
     "rope-qk_norm-gqa": dict(positions="rope", n_kv_heads=2, qk_norm=True),
     "learned-relu2": dict(positions="learned", mlp="relu2"),
+    # µP: the 1/head_dim attention scale and the logit multiplier on both paths (width 32, base 8)
+    "rope-mup": dict(positions="rope", parametrization="mup", mup_base_width=8),
 }
 
 
