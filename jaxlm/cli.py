@@ -241,6 +241,19 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep_dir", help="runs/<sweep> (or a single run directory)")
     p.add_argument("--out", default=None, help="where report.csv and report.png go (default: sweep_dir)")
+    p.add_argument(
+        "--x",
+        default=None,
+        metavar="KEY",
+        help="also plot final val loss against this swept key into report_<field>.png and print its "
+        "best value per line and panel, e.g. optim.lr (default: no such plot)",
+    )
+    p.add_argument(
+        "--lines", default=None, metavar="KEY", help="with --x: a line per value of this swept key"
+    )
+    p.add_argument(
+        "--panels", default=None, metavar="KEY", help="with --x: a panel per value of this swept key"
+    )
 
 
 def _report(args: argparse.Namespace) -> int:
