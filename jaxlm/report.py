@@ -327,5 +327,5 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  {where or 'all runs'}: {value}")
         written.append(out / f"report_{args.x.rsplit('.', 1)[-1]}.png")
         plot_against(results, written[-1], args.x, args.lines, args.panels)
-    print(f"\nwrote {', '.join(map(str, written))}")
+    print(f"\nwrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     return 0
