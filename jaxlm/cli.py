@@ -249,10 +249,16 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "best value per line and panel, e.g. optim.lr (default: no such plot)",
     )
     p.add_argument(
-        "--lines", default=None, metavar="KEY", help="with --x: a line per value of this swept key"
+        "--lines",
+        default=None,
+        metavar="KEY",
+        help="with --x: a line per value of this swept key (default: one line)",
     )
     p.add_argument(
-        "--panels", default=None, metavar="KEY", help="with --x: a panel per value of this swept key"
+        "--panels",
+        default=None,
+        metavar="KEY",
+        help="with --x: a panel per value of this swept key (default: one panel)",
     )
 
 
