@@ -255,6 +255,25 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="with --scaling: a run left out of the fit; print its predicted and measured loss (repeatable)",
     )
+    p.add_argument(
+        "--x",
+        default=None,
+        metavar="KEY",
+        help="also plot final val loss against this swept key into report_<field>.png and print its "
+        "best value per line and panel, e.g. optim.lr (default: no such plot)",
+    )
+    p.add_argument(
+        "--lines",
+        default=None,
+        metavar="KEY",
+        help="with --x: a line per value of this swept key (default: one line)",
+    )
+    p.add_argument(
+        "--panels",
+        default=None,
+        metavar="KEY",
+        help="with --x: a panel per value of this swept key (default: one panel)",
+    )
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -57,6 +57,19 @@ class ModelConfig:
     use_bias: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
+    parametrization: Literal["standard", "mup"] = "standard"
+    """standard: every matrix initialised with std ``init_std`` and trained at ``optim.lr``.
+    mup: the maximal update parametrization (Tensor Programs V, Yang et al. 2022) for Adam, relative
+    to a model of width ``mup_base_width`` (width is d_model; d_ff and the heads should grow with it,
+    head_dim may stay fixed): hidden matrices (q, k, v, o, up, gate, down) get init std
+    ``init_std * sqrt(base / d_model)`` and learning rate ``optim.lr * base / d_model``; embeddings,
+    the output projection, biases and norm scales keep ``init_std`` and ``optim.lr``; the logits are
+    multiplied by ``base / d_model``; attention scores are divided by head_dim instead of its square
+    root. The best ``optim.lr`` found at the base width then carries over to wider models (docs/mup.md).
+    Tied embeddings are allowed: the input and output roles want the same init and learning rate."""
+    mup_base_width: int = 64
+    """The d_model at which 'mup' uses ``init_std`` and ``optim.lr`` unchanged for every weight (and
+    differs from 'standard' only by the 1/head_dim attention scale); read only under 'mup'."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slower)."""
@@ -453,6 +466,17 @@ def validate(cfg: Config) -> Config:
     )
     _need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _need(m.init_std > 0, "model.init_std", "must be positive")
+    _need(
+        m.mup_base_width > 0,
+        "model.mup_base_width",
+        f"must be a positive width (the d_model whose lr and init 'mup' keeps), got {m.mup_base_width}",
+    )
+    _need(
+        m.parametrization == "standard" or not m.module,
+        "model.parametrization",
+        f"'mup' scales the weights of jaxlm's own transformer by their role; model.module={m.module!r} "
+        "declares its own weights: use parametrization=standard (and scale them inside the module)",
+    )
     _need(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0 disables chunking)")
     _need(
         0 <= m.attention_window < m.seq_len,
@@ -491,6 +515,13 @@ def validate(cfg: Config) -> Config:
     )
     _need(0.0 <= o.muon_momentum < 1.0, "optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
     _need(o.muon_weight_decay >= 0, "optim.muon_weight_decay", f"must be >= 0, got {o.muon_weight_decay}")
+    _need(
+        not (m.parametrization == "mup" and o.name == "muon"),
+        "model.parametrization",
+        "'mup' sets Adam's per-parameter learning rates (hidden matrices' lr x base_width / width); "
+        "optim.name='muon' orthogonalises those matrices' updates and scales them by their shape "
+        "instead: use parametrization=mup with optim.name=adamw, or muon with parametrization=standard",
+    )
     _need(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
     _need(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     _need(

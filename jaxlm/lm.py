@@ -55,6 +55,13 @@ class LM:
     def decay_mask(self) -> Params:
         return jax.tree.map(lambda w: w.decay, self.decls, is_leaf=model.is_weight)
 
+    def lr_mults(self) -> Params | None:
+        """Per-parameter learning-rate factors under µP (``model.Weight.lr_mult``); None otherwise,
+        so the standard optimizer is built exactly as before."""
+        if self.cfg.parametrization != "mup":
+            return None
+        return jax.tree.map(lambda w: w.lr_mult, self.decls, is_leaf=model.is_weight)
+
     def abstract_params(self) -> Params:
         dtype = jnp.dtype(self.cfg.param_dtype)
         return jax.tree.map(

@@ -39,6 +39,8 @@ class Weight:
     init: str = "normal"  # normal | zeros | ones
     std: float = 0.0
     dtype: str | None = None  # None: model.param_dtype
+    lr_mult: float = 1.0
+    """Multiplies the optimizer's update of this weight (µP: base_width / width for hidden matrices)."""
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
@@ -70,19 +72,28 @@ def param_decls(cfg: ModelConfig) -> Params:
         cfg.padded_vocab,
     )
     std = cfg.init_std
+    # µP for Adam (Tensor Programs V, Table 3): a hidden matrix (both dimensions grow with width)
+    # has init variance ∝ 1/fan_in and learning rate ∝ 1/fan_in; relative to the base width that is
+    # std / sqrt(m) and lr / m with m = d_model / base. Embeddings, the output projection (whose
+    # 1/m is the logit multiplier of logits_from_hidden) and vectors keep std and lr.
+    m = width_mult(cfg)
     out_std = std / math.sqrt(2 * L)  # GPT-2: residual projections scaled by depth
+
+    def hidden_matrix(shape, axes, std_):
+        return Weight(shape, axes, True, std=std_ / math.sqrt(m), lr_mult=1.0 / m)
+
     attn = {
-        "q": Weight((L, D, H, K), ("layers", "embed", "heads", "head_dim"), True, std=std),
-        "k": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), True, std=std),
-        "v": Weight((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), True, std=std),
-        "o": Weight((L, H, K, D), ("layers", "heads", "head_dim", "embed"), True, std=out_std),
+        "q": hidden_matrix((L, D, H, K), ("layers", "embed", "heads", "head_dim"), std),
+        "k": hidden_matrix((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), std),
+        "v": hidden_matrix((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), std),
+        "o": hidden_matrix((L, H, K, D), ("layers", "heads", "head_dim", "embed"), out_std),
     }
     mlp = {
-        "up": Weight((L, D, F), ("layers", "embed", "mlp"), True, std=std),
-        "down": Weight((L, F, D), ("layers", "mlp", "embed"), True, std=out_std),
+        "up": hidden_matrix((L, D, F), ("layers", "embed", "mlp"), std),
+        "down": hidden_matrix((L, F, D), ("layers", "mlp", "embed"), out_std),
     }
     if cfg.mlp == "swiglu":
-        mlp["gate"] = Weight((L, D, F), ("layers", "embed", "mlp"), True, std=std)
+        mlp["gate"] = hidden_matrix((L, D, F), ("layers", "embed", "mlp"), std)
     if cfg.qk_norm:  # one RMSNorm scale per head dimension, shared by the heads of a layer
         attn |= {
             "q_norm": Weight((L, K), ("layers", "head_dim"), False, "ones"),
@@ -116,6 +127,12 @@ def param_decls(cfg: ModelConfig) -> Params:
     if not cfg.tie_embeddings:
         decls["unembed"] = Weight((D, V), ("embed", "vocab"), True, std=std)
     return decls
+
+
+def width_mult(cfg: ModelConfig) -> float:
+    """µP's width multiplier d_model / mup_base_width; 1 under the standard parametrization, where
+    every std, learning rate and multiplier it divides stays exactly as it was."""
+    return cfg.d_model / cfg.mup_base_width if cfg.parametrization == "mup" else 1.0
 
 
 def is_weight(x) -> bool:
@@ -219,6 +236,10 @@ def qkv(p: Params, x_BxTxD: jax.Array, positions_BxT: jax.Array, cfg: ModelConfi
     if cfg.positions == "rope":
         q_BxTxHxK = rope(q_BxTxHxK, positions_BxT, cfg.rope_theta)
         k_BxTxGxK = rope(k_BxTxGxK, positions_BxT, cfg.rope_theta)
+    if cfg.parametrization == "mup":
+        # µP scores q·k by 1/head_dim (q and k become correlated in training, so their dot product
+        # grows like head_dim, not its root); attend divides by sqrt(head_dim), this the other root.
+        q_BxTxHxK = q_BxTxHxK * q_BxTxHxK.shape[-1] ** -0.5
     q_BxTxHxK = constrain(q_BxTxHxK, ("batch", "seq", "act_heads", None))
     return q_BxTxHxK, k_BxTxGxK, v_BxTxGxK
 
@@ -353,14 +374,29 @@ def decoder(
     (document), and padding (segment 0) sees only padding.
     """
 
+    x_BxTxD, _ = _blocks(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg, keep=False)
+    return norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+
+
+def _blocks(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg: ModelConfig, *, keep: bool):
+    """The scan over the blocks, each with its windowed flag: (the last residual stream,
+    [L, B, T, D] every block's if ``keep``)."""
+
     def body(x, layer):
         p_layer, windowed = layer
-        return block(p_layer, x, positions_BxT, cfg, segment_ids_BxT=segment_ids_BxT, windowed=windowed)
+        x, _ = block(p_layer, x, positions_BxT, cfg, segment_ids_BxT=segment_ids_BxT, windowed=windowed)
+        return x, x if keep else None
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (params["blocks"], jnp.asarray(windowed_layers(cfg))))
-    return norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+    return jax.lax.scan(body, x_BxTxD, (params["blocks"], jnp.asarray(windowed_layers(cfg))))
+
+
+def residual_streams(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, cfg: ModelConfig):
+    """[L, B, T, D]: the residual stream after each block (the µP coordinate check reads their RMS)."""
+    params = cast(params, compute_dtype(cfg))
+    x_BxTxD = embed(params, tokens_BxT, positions_BxT, cfg)
+    return _blocks(params, x_BxTxD, positions_BxT, None, cfg, keep=True)[1]
 
 
 def hidden(
@@ -385,6 +421,8 @@ def logits_from_hidden(params: Params, x_NxD: jax.Array, cfg: ModelConfig) -> ja
     """Float32 logits over the padded vocabulary; padding columns are -inf."""
     w_DxV = unembed_matrix(params).astype(x_NxD.dtype)
     logits = jnp.einsum("...d,dv->...v", x_NxD, w_DxV, preferred_element_type=jnp.float32)
+    if cfg.parametrization == "mup":  # µP's output multiplier 1/m: the readout's lr and init stay
+        logits = logits * (1.0 / width_mult(cfg))
     if cfg.padded_vocab != cfg.vocab_size:
         valid_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
         logits = jnp.where(valid_V, logits, -jnp.inf)

@@ -88,12 +88,25 @@ def _width_scale(update: jax.Array, dims: MuonDimensionNumbers) -> jax.Array:
     return update * math.sqrt(max(1.0, fan_out / fan_in))
 
 
+def scale_by_lr_mults(lr_mults) -> optax.GradientTransformation:
+    """Multiply each parameter's update by its own factor (a pytree of floats like the params, see
+    ``lm.LM.lr_mults``): per-parameter learning rates, as µP needs. It scales AdamW's whole step,
+    its decoupled weight decay included, as torch's per-group lr (and the mup package's MuAdamW) do."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, lr_mults), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
-    cfg: OptimConfig, total_steps: int, decay_mask, muon_dims_tree=None
+    cfg: OptimConfig, total_steps: int, decay_mask, muon_dims_tree=None, lr_mults=None
 ) -> optax.GradientTransformation:
     """``decay_mask`` is a pytree of bools like the params (see ``lm.LM.decay_mask``);
     ``muon_dims_tree`` (``muon_dim_numbers``, needed when ``cfg.name == "muon"``) has a
-    ``MuonDimensionNumbers`` for each of Muon's weights and None for AdamW's."""
+    ``MuonDimensionNumbers`` for each of Muon's weights and None for AdamW's; ``lr_mults``, if
+    given, a pytree of per-parameter learning-rate factors (``scale_by_lr_mults``, µP)."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     adamw = optax.adamw(
         lr_schedule(cfg, total_steps),
@@ -103,8 +116,10 @@ def make_optimizer(
         weight_decay=cfg.weight_decay,
         mask=decay_mask,
     )
+    # µP's per-parameter factors scale the whole step (config.validate allows them with AdamW only)
+    after = [scale_by_lr_mults(lr_mults)] if lr_mults is not None else []
     if cfg.name == "adamw":
-        return optax.chain(*parts, adamw)
+        return optax.chain(*parts, adamw, *after)
     # Not optax.contrib.muon: its Adam half is Nesterov Adam with one unmasked weight decay for
     # every non-Muon leaf (norms included); this keeps the non-Muon params on exactly the AdamW
     # above. The chain is the rest of optax.contrib.muon: momentum -> Newton-Schulz -> shape
@@ -126,4 +141,4 @@ def make_optimizer(
         optax.add_decayed_weights(cfg.muon_weight_decay, decay_mask),
         optax.scale_by_learning_rate(lr_schedule(cfg, total_steps, cfg.muon_lr)),
     )
-    return optax.chain(*parts, optax.partition({"muon": muon, "adamw": adamw}, labels))
+    return optax.chain(*parts, optax.partition({"muon": muon, "adamw": adamw}, labels), *after)

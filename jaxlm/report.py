@@ -231,6 +231,74 @@ def plot(results: list[RunResult], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def _numeric(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def grouped(
+    results: list[RunResult], x: str, lines: str | None = None, panels: str | None = None
+) -> dict[Any, dict[Any, list[tuple[Any, float]]]]:
+    """{panel value: {line value: [(x, final val loss), ...] in x order}} over the runs with a val
+    loss; ``lines``/``panels`` None put every run in one line/panel. Each key must be swept."""
+    keys = swept_keys(results)
+    for flag, key in (("--x", x), ("--lines", lines), ("--panels", panels)):
+        if key is not None and key not in keys:
+            raise ConfigError(f"report {flag} {key}: not a swept key of these runs; swept keys: {keys}")
+    out: dict[Any, dict[Any, list[tuple[Any, float]]]] = {}
+    for r in results:
+        if r.val_loss is None or x not in r.overrides:
+            continue
+        panel = r.overrides.get(panels) if panels else None
+        line = r.overrides.get(lines) if lines else None
+        out.setdefault(panel, {}).setdefault(line, []).append((r.overrides[x], r.val_loss))
+    order = lambda vs: sorted(vs, key=lambda v: (not _numeric([v]), v if _numeric([v]) else str(v)))  # noqa: E731
+    return {
+        p: {line: sorted(out[p][line], key=lambda xy: xy[0]) for line in order(out[p])} for p in order(out)
+    }
+
+
+def best_x(groups: dict[Any, dict[Any, list[tuple[Any, float]]]]) -> dict[Any, dict[Any, Any]]:
+    """{panel: {line: the x of the lowest final val loss}}."""
+    return {
+        p: {line: min(pts, key=lambda xy: xy[1])[0] for line, pts in lines.items()}
+        for p, lines in groups.items()
+    }
+
+
+def plot_against(
+    results: list[RunResult], path: Path, x: str, lines: str | None = None, panels: str | None = None
+) -> None:
+    """Final val loss against the swept ``x``, a line per value of ``lines``, a panel per value of
+    ``panels`` (shared axes, so the panels compare), each line's best point ringed; e.g. µP's
+    learning-rate transfer: ``--x optim.lr --lines model.d_model --panels model.parametrization``."""
+    from matplotlib.figure import Figure
+
+    groups = grouped(results, x, lines, panels)
+    if not groups:
+        raise ConfigError(f"report --x {x}: no run with a final val loss yet; nothing to plot")
+    best = best_x(groups)
+    fig = Figure(figsize=(4.6 * len(groups) + 1, 4), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
+    line_values = list(dict.fromkeys(v for g in groups.values() for v in g))
+    xs = [xy[0] for g in groups.values() for pts in g.values() for xy in pts]
+    log = _numeric(xs) and min(xs) > 0 and max(xs) / min(xs) >= 10
+    for ax, (panel, group) in zip(axes, groups.items(), strict=True):
+        for line, pts in group.items():
+            color = f"C{line_values.index(line) % 10}"
+            label = f"{lines.rsplit('.', 1)[-1]}={line}" if lines else None
+            ax.plot(*zip(*pts, strict=True), "o-", color=color, ms=4, label=label)
+            ax.plot([best[panel][line]], [min(y for _, y in pts)], "o", ms=10, mfc="none", color=color)
+        if log:
+            ax.set_xscale("log", base=2)
+        title = f"{panels.rsplit('.', 1)[-1]}={panel}" if panels else f"val loss against {x}"
+        ax.set(xlabel=x, title=title)
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("final val loss (rings: best per line)")
+    fig.savefig(path, dpi=90)
+
+
 # ============================================================================================
 # The command.
 # ============================================================================================
@@ -244,6 +312,8 @@ def main(args: argparse.Namespace) -> int:
         return scaling.main(args)
     if args.predict:
         raise ConfigError("--predict names runs left out of a scaling fit; use it with --scaling")
+    if (args.lines or args.panels) and not args.x:
+        raise ConfigError("report --lines/--panels need --x KEY, the swept key to plot val loss against")
     results = load(args.sweep_dir)
     out = Path(args.out or args.sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,5 +323,15 @@ def main(args: argparse.Namespace) -> int:
             print(f"\n{r.name} failed:\n  " + "\n  ".join(r.error.strip().splitlines()[-5:]))
     write_csv(results, out / "report.csv")
     plot(results, out / "report.png")
-    print(f"\nwrote {out / 'report.csv'} and {out / 'report.png'}")
+    written = [out / "report.csv", out / "report.png"]
+    if args.x:
+        groups = grouped(results, args.x, args.lines, args.panels)
+        print(f"\nbest {args.x} (lowest final val loss):")
+        for panel, by_line in best_x(groups).items():
+            for line, value in by_line.items():
+                where = ", ".join(f"{k}={v}" for k, v in ((args.panels, panel), (args.lines, line)) if k)
+                print(f"  {where or 'all runs'}: {value}")
+        written.append(out / f"report_{args.x.rsplit('.', 1)[-1]}.png")
+        plot_against(results, written[-1], args.x, args.lines, args.panels)
+    print(f"\nwrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     return 0

@@ -39,7 +39,7 @@ class TrainState:
 def make_tx(cfg: Config) -> optax.GradientTransformation:
     model = lm.get(cfg.model)
     dims = muon_dim_numbers(model.decls, model.name) if cfg.optim.name == "muon" else None
-    return make_optimizer(cfg.optim, cfg.train.steps, model.decay_mask(), dims)
+    return make_optimizer(cfg.optim, cfg.train.steps, model.decay_mask(), dims, model.lr_mults())
 
 
 def init_state(cfg: Config, key: jax.Array) -> TrainState:

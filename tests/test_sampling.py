@@ -24,6 +24,8 @@ VARIANTS = {
     # windows of 3 and 4 tokens, far fewer than the up to 15 each row decodes over
     "learned-window": dict(positions="learned", norm="layernorm", use_bias=True, attention_window=3),
     "rope-window-global_every-gqa": dict(positions="rope", n_kv_heads=2, attention_window=4, global_every=2),
+    # µP: the 1/head_dim attention scale and the logit multiplier on both paths (width 32, base 8)
+    "rope-mup": dict(positions="rope", parametrization="mup", mup_base_width=8),
 }
 
 

@@ -4,6 +4,7 @@ executors, failures recorded, and a real 4-run sweep of the tiny preset end to e
 import csv
 import dataclasses
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -347,3 +348,67 @@ def test_sweep_of_the_tiny_preset_end_to_end(tiny_data, tmp_path, capsys):
     (runs[0].path / "config.json").write_text(json.dumps(saved))
     assert cli.main([*args, "--dry-run"]) == 0
     assert "warning: finished with another config (optim.b1: 0.5 -> 0.9)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The report's val loss against one swept key, a line and a panel per value of two others.
+# --------------------------------------------------------------------------------------------
+
+
+def _fake_run(root: Path, overrides: dict, val_loss: float | None, status: str = "finished") -> None:
+    """A run directory as `jaxlm sweep` leaves it, without training: overrides, summary, events."""
+    from tensorboard.summary import Writer
+
+    run = root / "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in overrides.items())
+    run.mkdir(parents=True)
+    (run / "overrides.json").write_text(json.dumps({"keys": list(overrides), "overrides": overrides}))
+    (run / "summary.json").write_text(json.dumps({"status": status}))
+    tb = Writer(str(run / "tb"))
+    tb.add_scalar("train/loss", 9.0, 10)
+    if val_loss is not None:
+        tb.add_scalar("val/loss", val_loss, 10)
+    tb.close()
+
+
+def test_report_plots_val_loss_against_a_key_with_lines_and_panels(tmp_path, capsys):
+    root = tmp_path / "mup_transfer"
+    # best lr: standard 0.004 at width 64 and 0.001 at 256; mup 0.004 at both (a parabola per line)
+    for par, width, best in [
+        ("standard", 64, 0.004),
+        ("standard", 256, 0.001),
+        ("mup", 64, 0.004),
+        ("mup", 256, 0.004),
+    ]:
+        for lr in (0.001, 0.002, 0.004, 0.008):
+            loss = 2.0 + (math.log2(lr) - math.log2(best)) ** 2 / 10 + width / 1000
+            overrides = {"model.d_model": width, "model.parametrization": par, "optim.lr": lr}
+            _fake_run(root, overrides, loss)
+    _fake_run(root, {"model.d_model": 256, "model.parametrization": "mup", "optim.lr": 0.016}, None, "failed")
+    groups = report.grouped(report.load(root), "optim.lr", "model.d_model", "model.parametrization")
+    assert list(groups) == ["mup", "standard"] and list(groups["mup"]) == [64, 256]
+    assert [lr for lr, _ in groups["mup"][256]] == [0.001, 0.002, 0.004, 0.008]  # the failed run has no loss
+    assert report.best_x(groups) == {"mup": {64: 0.004, 256: 0.004}, "standard": {64: 0.004, 256: 0.001}}
+
+    args = [
+        "report",
+        str(root),
+        "--x",
+        "optim.lr",
+        "--lines",
+        "model.d_model",
+        "--panels",
+        "model.parametrization",
+    ]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "model.parametrization=standard, model.d_model=256: 0.001" in out
+    assert "model.parametrization=mup, model.d_model=256: 0.004" in out
+    assert (root / "report_lr.png").read_bytes().startswith(b"\x89PNG")
+
+    assert cli.main(["report", str(root), "--x", "optim.b1"]) == 2
+    assert (
+        "report --x optim.b1: not a swept key of these runs; swept keys: ['model.d_model'"
+        in capsys.readouterr().err
+    )
+    assert cli.main(["report", str(root), "--lines", "model.d_model"]) == 2
+    assert "--lines/--panels need --x" in capsys.readouterr().err

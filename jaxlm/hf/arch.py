@@ -72,6 +72,15 @@ def architecture(m: ModelConfig) -> str:
             "whole context (transformers' Mistral and Gemma 2 window, and are not export targets "
             "yet); train with attention_window=0 to export"
         )
+    if m.parametrization == "mup":
+        # Representable only by folding the scales into the weights (q by head_dim^-1/2, the untied
+        # unembedding by base/width; a tied one cannot take it without changing the input side).
+        problems.append(
+            "model.parametrization='mup': its 1/head_dim attention scale and its logit multiplier "
+            f"mup_base_width/d_model = {m.mup_base_width}/{m.d_model} have no place in GPT-2's or Llama's "
+            "config, and export does not fold them into the weights; train with parametrization=standard "
+            "to export"
+        )
     for key, value in want.items():
         if getattr(m, key) != value:
             problems.append(
