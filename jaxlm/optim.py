@@ -101,7 +101,7 @@ def scale_by_lr_mults(lr_mults) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    cfg: OptimConfig, total_steps: int, decay_mask, muon_dims_tree=None, lr_mults=None
+    cfg: OptimConfig, total_steps: int, decay_mask, *, muon_dims_tree=None, lr_mults=None
 ) -> optax.GradientTransformation:
     """``decay_mask`` is a pytree of bools like the params (see ``lm.LM.decay_mask``);
     ``muon_dims_tree`` (``muon_dim_numbers``, needed when ``cfg.name == "muon"``) has a

@@ -39,7 +39,9 @@ class TrainState:
 def make_tx(cfg: Config) -> optax.GradientTransformation:
     model = lm.get(cfg.model)
     dims = muon_dim_numbers(model.decls, model.name) if cfg.optim.name == "muon" else None
-    return make_optimizer(cfg.optim, cfg.train.steps, model.decay_mask(), dims, model.lr_mults())
+    return make_optimizer(
+        cfg.optim, cfg.train.steps, model.decay_mask(), muon_dims_tree=dims, lr_mults=model.lr_mults()
+    )
 
 
 def init_state(cfg: Config, key: jax.Array) -> TrainState:

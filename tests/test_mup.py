@@ -37,7 +37,7 @@ def _coordinate_rms(width: int, parametrization: str, steps: int = 3, lr: float 
     cfg = _cfg(width, parametrization)
     m = lm.get(cfg)
     opt = OptimConfig(lr=lr, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0, weight_decay=0.0)
-    tx = make_optimizer(opt, steps, m.decay_mask(), m.lr_mults())
+    tx = make_optimizer(opt, steps, m.decay_mask(), lr_mults=m.lr_mults())
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (4, 17)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions}
@@ -92,7 +92,7 @@ def test_hidden_matrices_step_base_over_width_times_the_standard_update():
 
     def update(cfg):
         m = lm.get(cfg)
-        tx = make_optimizer(opt, 10, m.decay_mask(), m.lr_mults())
+        tx = make_optimizer(opt, 10, m.decay_mask(), lr_mults=m.lr_mults())
         return jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
 
     hidden = {"q", "k", "v", "o", "up", "down", "gate"}
