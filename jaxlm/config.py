@@ -59,7 +59,9 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slower)."""
+    """auto: bfloat16 on GPU/TPU; on a CPU bfloat16 only where a quick matmul measurement, cached per
+    machine and jax version (jaxlm/cpu_dtype.py), finds it at least 1.5x faster, else float32. A run
+    records the dtype it resolved to in config.json and its checkpoints."""
     attention: Literal["auto", "reference", "blockwise", "xla", "cudnn", "splash"] = "auto"
     """Attention backend; auto picks the fastest one that supports the request on this device."""
     remat: Literal["none", "full", "save_matmuls"] = "none"
@@ -214,7 +216,8 @@ PRESETS: dict[str, ModelConfig] = {
         use_bias=False,
         tie_embeddings=True,
     ),
-    # Tiny, for tests and local debugging: compiles in seconds on a CPU.
+    # Tiny, for tests and local debugging: compiles in seconds on a CPU. float32 stated, not "auto":
+    # tests compare against float32 arithmetic, whichever dtype this CPU would measure faster.
     "tiny": ModelConfig(
         vocab_size=256,
         vocab_multiple=1,
@@ -227,6 +230,7 @@ PRESETS: dict[str, ModelConfig] = {
         norm="rmsnorm",
         mlp="swiglu",
         use_bias=False,
+        compute_dtype="float32",
     ),
 }
 
