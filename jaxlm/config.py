@@ -145,6 +145,10 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     """Batches of the validation split per evaluation; 0 uses the whole split."""
+    target_val_loss: float = 0.0
+    """Stop at the first evaluation whose val loss is at or below this, with a checkpoint there
+    (summary status "reached target_val_loss"): the run's wall time is then its time to that loss
+    (benchmarks/speedrun.py). 0 trains all ``steps``. The schedule still spans ``steps``."""
     run_dir: str = "runs"
     """Runs go to ``<run_dir>/<name>/``."""
 
@@ -462,6 +466,16 @@ def validate(cfg: Config) -> Config:
     _need(t.log_every > 0, "train.log_every", "must be positive")
     _need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
     _need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+    _need(
+        0 <= t.target_val_loss < float("inf"),  # NaN fails both comparisons
+        "train.target_val_loss",
+        f"must be a finite number >= 0 (0 disables it), got {t.target_val_loss}",
+    )
+    _need(
+        not t.target_val_loss or t.eval_every > 0,
+        "train.target_val_loss",
+        "is checked at evaluations, and train.eval_every=0 disables them; set train.eval_every",
+    )
     for key in ("data", "fsdp", "tensor"):
         v = getattr(mesh, key)
         _need(v == -1 or v > 0, f"mesh.{key}", f"must be positive or -1 (fill), got {v}")

@@ -237,6 +237,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
             log.progress(step, m)
 
     stopped = None  # (step, signal name) when SIGTERM/SIGINT ended the run early
+    reached = None  # the step whose val loss met train.target_val_loss
     # From here the first SIGTERM/SIGINT finishes the step, checkpoints it and returns; a second exits.
     stop = checkpoint.StopRequest()
     try:
@@ -257,11 +258,18 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                     best_val = min(best_val, val)
                     log.scalars(step, {"loss": val, "perplexity": perplexity(val)}, prefix="val/")
                     log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {perplexity(val):.2f}")
+                    # Every process computed the same global val loss, so all of them stop here.
+                    if t.target_val_loss and val <= t.target_val_loss:
+                        reached = step
+                        stopping = True
+                        log.line(f"val loss {val:.4f} <= train.target_val_loss={t.target_val_loss}: stopping")
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
                 if pending is not None:  # a diverged state must never be saved (nor rotate out a good one)
                     drain(pending)
                     pending = None
                 ckpt.save(step, state.as_tree(), config_dict)
+            if reached:
+                break
             if stopping:
                 stopped = (step, stop.signal)
                 break
@@ -280,8 +288,12 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         log.close()
 
     summary = {
-        "status": f"stopped by {stopped[1]}" if stopped else "finished",
-        "step": stopped[0] if stopped else t.steps,
+        "status": f"stopped by {stopped[1]}"
+        if stopped
+        else "reached target_val_loss"
+        if reached
+        else "finished",
+        "step": stopped[0] if stopped else reached or t.steps,
         "train_loss": history.get("loss"),
         "val_loss": val,
         "best_val_loss": best_val if val is not None else None,

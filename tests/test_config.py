@@ -46,6 +46,8 @@ def test_overrides_parse_against_declared_types():
         ("model.z_loss", "nan", "model.z_loss: must be a finite number >= 0"),
         ("model.mlp", "relu", "choose one of ['gelu', 'swiglu', 'relu2']"),
         ("model.qk_norm", "maybe", "not a bool"),
+        ("train.target_val_loss", "-1", "train.target_val_loss: must be a finite number >= 0"),
+        ("train.target_val_loss", "nan", "train.target_val_loss: must be a finite number >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key(key, value, needle):
@@ -53,6 +55,11 @@ def test_bad_overrides_name_the_key(key, value, needle):
         apply_overrides(Config(), {key: value})
     assert needle in str(e.value)
     assert key.split(".")[0] in str(e.value) or "valid sections" in str(e.value)
+
+
+def test_a_target_val_loss_needs_evaluations():
+    with pytest.raises(ConfigError, match="train.target_val_loss: .*set train.eval_every"):
+        apply_overrides(Config(), {"train.target_val_loss": "1.95", "train.eval_every": "0"})
 
 
 def test_python_values_are_type_checked():
