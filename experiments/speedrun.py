@@ -3,10 +3,10 @@
 Run:      jaxlm train experiments/speedrun.py
 Compare:  python benchmarks/speedrun.py --repeats 2   (alternates it with the default on one machine)
 Expect:   val loss 1.9079 at step 400, where it stops (<= train.target_val_loss); 819,200 tokens,
-          0.40x the default's 2,048,000 (val 1.9479 at its step 500). Wall time: about 0.47x the
-          default's, estimated, not yet measured side by side: a step costs ~0.52x a default step
-          (`jaxlm bench`, two alternating pairs, medians 1183 against 2268 ms, load average ~10),
-          and it evaluates once instead of five times. Measured under load (2026-12-01, load
+          0.40x the default's 2,048,000 (val 1.9479 at its step 500). Wall time: estimated 0.45-0.6x
+          the default's, not yet measured side by side: a step costs 0.5-0.7x a default step
+          (`jaxlm bench`, alternating, load average 3-10: 892-1196 ms against 1060-2673 ms), and
+          it evaluates once instead of five times. Measured under load (2026-12-01, load
           average 15-22 on the 2 cores): 3,083 s for all 500 steps, evaluating every 100.
           Without the target it goes on to 1.8829 at step 500.
 
