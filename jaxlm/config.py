@@ -72,7 +72,9 @@ class ModelConfig:
     differs from 'standard' only by the 1/head_dim attention scale); read only under 'mup'."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slower)."""
+    """auto: bfloat16 on GPU/TPU; on a CPU bfloat16 only where a quick matmul measurement, cached per
+    machine and jax version (jaxlm/cpu_dtype.py), finds it at least 1.5x faster, else float32. A run
+    records the dtype it resolved to in config.json and its checkpoints."""
     attention: Literal["auto", "reference", "blockwise", "xla", "cudnn", "splash"] = "auto"
     """Attention backend; auto picks the fastest one that supports the request on this device."""
     attention_window: int = 0
@@ -181,6 +183,10 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     """Batches of the validation split per evaluation; 0 uses the whole split."""
+    target_val_loss: float = 0.0
+    """Stop at the first evaluation whose val loss is at or below this, with a checkpoint there
+    (summary status "reached target_val_loss"): the run's wall time is then its time to that loss
+    (benchmarks/speedrun.py). 0 trains all ``steps``. The schedule still spans ``steps``."""
     run_dir: str = "runs"
     """Runs go to ``<run_dir>/<name>/``."""
 
@@ -252,7 +258,8 @@ PRESETS: dict[str, ModelConfig] = {
         use_bias=False,
         tie_embeddings=True,
     ),
-    # Tiny, for tests and local debugging: compiles in seconds on a CPU.
+    # Tiny, for tests and local debugging: compiles in seconds on a CPU. float32 stated, not "auto":
+    # tests compare against float32 arithmetic, whichever dtype this CPU would measure faster.
     "tiny": ModelConfig(
         vocab_size=256,
         vocab_multiple=1,
@@ -265,6 +272,7 @@ PRESETS: dict[str, ModelConfig] = {
         norm="rmsnorm",
         mlp="swiglu",
         use_bias=False,
+        compute_dtype="float32",
     ),
 }
 
@@ -532,6 +540,16 @@ def validate(cfg: Config) -> Config:
     _need(t.log_every > 0, "train.log_every", "must be positive")
     _need(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables evaluation)")
     _need(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+    _need(
+        0 <= t.target_val_loss < float("inf"),  # NaN fails both comparisons
+        "train.target_val_loss",
+        f"must be a finite number >= 0 (0 disables it), got {t.target_val_loss}",
+    )
+    _need(
+        not t.target_val_loss or t.eval_every > 0,
+        "train.target_val_loss",
+        "is checked at evaluations, and train.eval_every=0 disables them; set train.eval_every",
+    )
     for key in ("data", "fsdp", "tensor"):
         v = getattr(mesh, key)
         _need(v == -1 or v > 0, f"mesh.{key}", f"must be positive or -1 (fill), got {v}")

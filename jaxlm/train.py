@@ -3,6 +3,7 @@ checkpoints. Read it in order; everything it calls is a small pure function else
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from jaxlm.config import Config, ConfigError, to_dict
 from jaxlm.evaluate import make_eval_step, mean_loss
 from jaxlm.files import write_json
 from jaxlm.metrics import RunLogger, perplexity
+from jaxlm.model import compute_dtype
 from jaxlm.optim import lr_schedule
 from jaxlm.state import TrainState, abstract_state, create_state, fresh_opt_state, make_tx, state_shardings
 
@@ -100,6 +102,11 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     """
     # ---- processes and mesh -------------------------------------------------------------------
     distributed.initialize(cfg.mesh)
+    if cfg.model.compute_dtype == "auto":
+        # Resolved once and recorded in config.json and the checkpoints: the run's numerics are
+        # written down, and a resume where "auto" means another dtype names the change.
+        resolved = compute_dtype(cfg.model).name
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=resolved))
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, lm.get(cfg.model).decls, mesh)
@@ -178,7 +185,8 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     log = RunLogger(run_path, t.steps, start_step)
     n_params = lm.get(cfg.model).count
     log.line(
-        f"jaxlm: {cfg.name} | {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on "
+        f"jaxlm: {cfg.name} | {n_params / 1e6:.2f}M params, {cfg.model.compute_dtype} compute | "
+        f"mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.default_backend()} device(s) | "
         f"{index['splits']['train']['tokens']:,} train tokens | step {start_step} -> {t.steps}"
     )
@@ -229,6 +237,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
             log.progress(step, m)
 
     stopped = None  # (step, signal name) when SIGTERM/SIGINT ended the run early
+    reached = None  # the step whose val loss met train.target_val_loss
     # From here the first SIGTERM/SIGINT finishes the step, checkpoints it and returns; a second exits.
     stop = checkpoint.StopRequest()
     try:
@@ -249,11 +258,18 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                     best_val = min(best_val, val)
                     log.scalars(step, {"loss": val, "perplexity": perplexity(val)}, prefix="val/")
                     log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {perplexity(val):.2f}")
+                    # Every process computed the same global val loss, so all of them stop here.
+                    if t.target_val_loss and val <= t.target_val_loss:
+                        reached = step
+                        stopping = True
+                        log.line(f"val loss {val:.4f} <= train.target_val_loss={t.target_val_loss}: stopping")
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
                 if pending is not None:  # a diverged state must never be saved (nor rotate out a good one)
                     drain(pending)
                     pending = None
                 ckpt.save(step, state.as_tree(), config_dict)
+            if reached:
+                break
             if stopping:
                 stopped = (step, stop.signal)
                 break
@@ -272,8 +288,12 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         log.close()
 
     summary = {
-        "status": f"stopped by {stopped[1]}" if stopped else "finished",
-        "step": stopped[0] if stopped else t.steps,
+        "status": f"stopped by {stopped[1]}"
+        if stopped
+        else "reached target_val_loss"
+        if reached
+        else "finished",
+        "step": stopped[0] if stopped else reached or t.steps,
         "train_loss": history.get("loss"),
         "val_loss": val,
         "best_val_loss": best_val if val is not None else None,

@@ -36,3 +36,24 @@ def tiny_cfg(tiny_data, tmp_path):
     cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "tiny.py")
     cfg = apply_overrides(cfg, {"data.dir": tiny_data, "train.run_dir": str(tmp_path / "runs")})
     return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=8))
+
+
+@pytest.fixture(autouse=True)
+def _no_measured_compute_dtype(monkeypatch, tmp_path_factory):
+    """compute_dtype=auto on a CPU is whichever dtype this CPU measures faster, so a test that
+    relied on it would pass on one machine and fail on another (bfloat16 on an Intel AMX CI host
+    against float32 tolerances). A test that resolves it without injecting timings fails here;
+    the cache is a fresh directory, so neither the user's cache nor another test's answer hides it."""
+    from jaxlm import cpu_dtype
+
+    def refuse():
+        raise AssertionError(
+            "this test resolved model.compute_dtype='auto' on a CPU, which depends on the machine: "
+            "state compute_dtype (the tiny preset does), or inject timings as tests/test_cpu_dtype.py does"
+        )
+
+    monkeypatch.setattr(cpu_dtype, "measure", refuse)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    cpu_dtype.cpu_compute_dtype.cache_clear()
+    yield
+    cpu_dtype.cpu_compute_dtype.cache_clear()

@@ -49,6 +49,8 @@ def test_overrides_parse_against_declared_types():
         ("model.attention_window", "-1", "must be 0 (full attention) or a window of 1 to seq_len - 1 = 1023"),
         ("model.attention_window", "1024", "tokens, got 1024"),
         ("model.global_every", "2", "global_every=2 with attention_window=0"),
+        ("train.target_val_loss", "-1", "train.target_val_loss: must be a finite number >= 0"),
+        ("train.target_val_loss", "nan", "train.target_val_loss: must be a finite number >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key(key, value, needle):
@@ -64,6 +66,11 @@ def test_global_every_must_leave_both_kinds_of_layer(k):
     with pytest.raises(ConfigError, match=rf"model.global_every: global_every={k} with attention_window=64"):
         apply_overrides(Config(), {"model.attention_window": "64", "model.global_every": str(k)})
     assert apply_overrides(Config(), {"model.attention_window": "64", "model.global_every": "12"})
+
+
+def test_a_target_val_loss_needs_evaluations():
+    with pytest.raises(ConfigError, match="train.target_val_loss: .*set train.eval_every"):
+        apply_overrides(Config(), {"train.target_val_loss": "1.95", "train.eval_every": "0"})
 
 
 def test_python_values_are_type_checked():

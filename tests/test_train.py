@@ -207,6 +207,20 @@ def test_train_cli_end_to_end(tiny_data, tmp_path, capsys):
     assert tree(run) == before
 
 
+def test_target_val_loss_stops_at_the_first_evaluation_that_meets_it(tiny_cfg):
+    """Any val loss meets a target of 100, so the run stops at its first evaluation (step 2 of 6),
+    checkpointed there, and says so; the schedule still spans all 6 steps."""
+    train_cfg = dataclasses.replace(tiny_cfg.train, steps=6, eval_every=2, target_val_loss=100.0)
+    cfg = dataclasses.replace(tiny_cfg, train=train_cfg)
+    summary = train.run(cfg)
+    assert summary["status"] == "reached target_val_loss" and summary["step"] == 2, summary
+    assert summary["val_loss"] <= 100.0
+    assert sorted(p.name for p in (cfg.run_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    log = (cfg.run_path / "log.txt").read_text()
+    assert "<= train.target_val_loss=100.0: stopping" in log and "step      3" not in log
+    assert json.loads((cfg.run_path / "summary.json").read_text()) == summary
+
+
 def test_train_cli_refuses_bad_override(tiny_data, capsys):
     assert cli(["train", "experiments/tiny.py", "--set", "model.n_heads=3"]) == 2
     assert "n_heads=3" in capsys.readouterr().err
