@@ -253,7 +253,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
         "--predict",
         action="append",
         metavar="RUN_DIR",
-        help="with --scaling: a run left out of the fit; print its predicted and measured loss (repeatable)",
+        help="with --scaling: a run left out of the fit; print its predicted and measured loss (repeatable; "
+        "default: none)",
     )
     p.add_argument(
         "--x",
