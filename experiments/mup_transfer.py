@@ -2,10 +2,10 @@
 
 Run:      jaxlm sweep experiments/mup_transfer.py --parallel 2
           jaxlm report runs/mup_transfer --x optim.lr --lines model.d_model --panels model.parametrization
-Expect:   48 runs of 120 steps; on the shared 2-core CPU (load ~20) each took 2-5 minutes, more
-          than this session had, so widths 64-256 ran in full and width 512 only near its optimum
-          (docs/mup.md). Under µP the best lr is 2^-10 at every width that ran and the whole loss
-          curve is the same; under standard it moves down with the width (2^-10 at 64, 2^-11 at 256).
+Expect:   48 runs of 120 steps; on the shared 2-core CPU (load ~20) each took 2-6 minutes, nearly
+          all start-up and compilation. Under µP the best lr is 2^-10 at every width and the whole
+          loss curve is the same; under standard it moves down with the width (2^-10 at 64 and
+          128, 2^-11 at 256 and 512). Figures and plot: docs/mup.md.
 """
 
 from jaxlm import sweep
