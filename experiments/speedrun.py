@@ -4,9 +4,9 @@ Run:      jaxlm train experiments/speedrun.py
 Compare:  python benchmarks/speedrun.py --repeats 2   (alternates it with the default on one machine)
 Expect:   val loss 1.9299 at step 135, its last step and one evaluation (<= train.target_val_loss);
           276,480 tokens, 0.135x the default's 2,048,000 (val 1.9479 at its step 500). Wall time,
-          side by side with the default (`benchmarks/speedrun.py --repeats 1`, 2-core AMD EPYC,
-          load average 1.2-1.9, 2026-12-02): 110.9 s against 576.9 s, 0.192x, for the whole
-          command (start-up, compilation, steps, evaluations, checkpoints).
+          side by side with the default (`benchmarks/speedrun.py`, two pairs, 2-core AMD EPYC,
+          load average 1.2-1.9, 2026-12-02): 110.9 s against 576.9 s and 114.4 s against 550.3 s,
+          median 0.20x, for the whole command (start-up, compilation, steps, evaluations).
 
 The same size class as the default (4 layers, d_model 192, d_ff 768, 1.82M parameters, seq 128).
 What changes, and why each buys wall time on a CPU:
