@@ -49,9 +49,9 @@ def muon_dims(w: model.Weight) -> MuonDimensionNumbers | None:
     neither: the stacked layers are orthogonalised one by one. Vectors (norm scales, biases) and
     the lookup tables and output head (a ``vocab`` or ``positions`` axis) are AdamW's.
     """
-    core = [i for i, a in enumerate(w.axes) if a != "layers"]
-    if len(core) < 2 or any(a in model.TABLE_AXES for a in w.axes):
+    if not _is_matrix(w):
         return None
+    core = [i for i, a in enumerate(w.axes) if a != "layers"]
     first, last = w.axes[core[0]] == "embed", w.axes[core[-1]] == "embed"
     if first and not last:
         return MuonDimensionNumbers(reduction_axis=(core[0],), output_axis=tuple(core[1:]))
@@ -60,15 +60,20 @@ def muon_dims(w: model.Weight) -> MuonDimensionNumbers | None:
     return None
 
 
+def _is_matrix(w: model.Weight) -> bool:
+    """Two or more axes besides ``layers``, and not a lookup table or the output head."""
+    core = [a for a in w.axes if a != "layers"]
+    return len(core) >= 2 and not any(a in model.TABLE_AXES for a in w.axes)
+
+
 def muon_dim_numbers(decls, model_name: str):
     """``muon_dims`` of every declared weight. A decayed matrix that has no ``embed`` axis at
     exactly one end is refused by name: Muon cannot tell its input side from its output side."""
 
     def one(path, w: model.Weight):
         dims = muon_dims(w)
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        core = [a for a in w.axes if a != "layers"]
-        if dims is None and w.decay and len(core) >= 2 and not any(a in model.TABLE_AXES for a in w.axes):
+        if dims is None and w.decay and _is_matrix(w):
+            name = jax.tree_util.keystr(path, simple=True, separator=".")
             raise ConfigError(
                 f"optim.name='muon': {model_name} parameter {name} "
                 f"has logical axes {w.axes}, a matrix without an 'embed' axis at exactly one end, so "
