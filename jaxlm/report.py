@@ -266,16 +266,18 @@ def best_x(groups: dict[Any, dict[Any, list[tuple[Any, float]]]]) -> dict[Any, d
 
 
 def plot_against(
-    results: list[RunResult], path: Path, x: str, lines: str | None = None, panels: str | None = None
+    groups: dict[Any, dict[Any, list[tuple[Any, float]]]],
+    path: Path,
+    x: str,
+    lines: str | None = None,
+    panels: str | None = None,
 ) -> None:
     """Final val loss against the swept ``x``, a line per value of ``lines``, a panel per value of
     ``panels`` (shared axes, so the panels compare), each line's best point ringed; e.g. µP's
-    learning-rate transfer: ``--x optim.lr --lines model.d_model --panels model.parametrization``."""
+    learning-rate transfer: ``--x optim.lr --lines model.d_model --panels model.parametrization``.
+    ``groups`` is ``grouped(results, x, lines, panels)``, not empty."""
     from matplotlib.figure import Figure
 
-    groups = grouped(results, x, lines, panels)
-    if not groups:
-        raise ConfigError(f"report --x {x}: no run with a final val loss yet; nothing to plot")
     best = best_x(groups)
     fig = Figure(figsize=(4.6 * len(groups) + 1, 4), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
@@ -326,12 +328,14 @@ def main(args: argparse.Namespace) -> int:
     written = [out / "report.csv", out / "report.png"]
     if args.x:
         groups = grouped(results, args.x, args.lines, args.panels)
+        if not groups:
+            raise ConfigError(f"report --x {args.x}: no run with a final val loss yet; nothing to plot")
         print(f"\nbest {args.x} (lowest final val loss):")
         for panel, by_line in best_x(groups).items():
             for line, value in by_line.items():
                 where = ", ".join(f"{k}={v}" for k, v in ((args.panels, panel), (args.lines, line)) if k)
                 print(f"  {where or 'all runs'}: {value}")
         written.append(out / f"report_{args.x.rsplit('.', 1)[-1]}.png")
-        plot_against(results, written[-1], args.x, args.lines, args.panels)
+        plot_against(groups, written[-1], args.x, args.lines, args.panels)
     print(f"\nwrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     return 0
