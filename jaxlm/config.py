@@ -191,6 +191,13 @@ class TrainConfig:
     """Runs go to ``<run_dir>/<name>/``."""
 
 
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+"""The mesh's axes, outermost first (each a field of MeshConfig): tensor parallelism innermost
+(the fastest links), then context (ring attention passes K/V to a neighbour every layer), then
+expert (an all-to-all each way per MoE layer), and the batch axes outermost (one gradient
+reduction per step)."""
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     data: int = -1
@@ -199,6 +206,11 @@ class MeshConfig:
     """Parameter/optimizer sharding (ZeRO-3); also splits the batch."""
     tensor: int = 1
     """Megatron tensor parallelism over heads, MLP hidden and vocabulary."""
+    expert: int = 1
+    """Expert parallelism: the experts of an MoE layer split over it, tokens reach them by
+    all-to-all; it splits the batch too (data parallel for the dense weights)."""
+    context: int = 1
+    """Context parallelism: the positions of every sequence split over it (ring attention)."""
     coordinator_address: str = ""
     """host:port of process 0 for multi-process runs; empty auto-detects (SLURM, TPU, env)."""
     num_processes: int = 0
@@ -550,13 +562,13 @@ def validate(cfg: Config) -> Config:
         "train.target_val_loss",
         "is checked at evaluations, and train.eval_every=0 disables them; set train.eval_every",
     )
-    for key in ("data", "fsdp", "tensor"):
+    for key in MESH_AXES:
         v = getattr(mesh, key)
         _need(v == -1 or v > 0, f"mesh.{key}", f"must be positive or -1 (fill), got {v}")
     _need(
-        [mesh.data, mesh.fsdp, mesh.tensor].count(-1) <= 1,
+        [getattr(mesh, key) for key in MESH_AXES].count(-1) <= 1,
         "mesh",
-        "at most one of mesh.data/fsdp/tensor may be -1",
+        "at most one of mesh." + "/".join(MESH_AXES) + " may be -1",
     )
     _need(c.every >= 0, "checkpoint.every", "must be >= 0")
     _need(c.keep > 0, "checkpoint.keep", "must keep at least one checkpoint")

@@ -15,9 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.config import ConfigError, MeshConfig, ModelConfig, TrainConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from jaxlm.config import MESH_AXES, ConfigError, MeshConfig, ModelConfig, TrainConfig
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 # Parameters: FSDP shards the model dimension of every weight (ZeRO-3: gathered per layer inside
@@ -35,8 +33,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "positions": None,
     # activations
-    "batch": ("data", "fsdp"),
-    "seq": None,
+    # Expert parallelism splits the tokens too: a device of the expert axis routes its own rows to
+    # the experts it and its expert-axis peers hold. Context parallelism splits the positions.
+    "batch": ("data", "fsdp", "expert"),
+    "seq": "context",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -81,27 +81,28 @@ def logical_to_spec(
 # --------------------------------------------------------------------------------------------
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes from the config; one size may be -1 to take the devices left."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """The mesh's sizes in ``MESH_AXES`` order from the config; one may be -1 to take the devices left."""
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.context, cfg.tensor]  # MESH_AXES order
+    shown = lambda sizes: " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n_devices % known:
             raise ConfigError(
-                f"mesh: data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} cannot fill {n_devices} devices "
+                f"mesh: {shown(sizes)} cannot fill {n_devices} devices "
                 f"({n_devices} is not divisible by {known}); choose sizes whose product divides {n_devices}"
             )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
         raise ConfigError(
-            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+            f"mesh: {shown(sizes)} = {math.prod(sizes)} devices, "
             f"but {n_devices} are present; make the product {n_devices} or set one size to -1"
         )
     return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over ``devices`` (default: every device of every process).
+    """The mesh of ``MESH_AXES`` over ``devices`` (default: every device of every process).
 
     Devices are laid out process-major, so one process's devices fill the innermost axes first:
     tensor parallelism stays inside a host (fast links) and each process holds a contiguous
@@ -183,7 +184,7 @@ def loading_mesh(model: ModelConfig, decls, devices: Sequence[jax.Device] | None
         if "fsdp" in names
     ]
     fsdp = max(d for d in range(1, n + 1) if n % d == 0 and all(size % d == 0 for size in on_fsdp))
-    return make_mesh(MeshConfig(data=n // fsdp, fsdp=fsdp, tensor=1), devices)
+    return make_mesh(MeshConfig(data=n // fsdp, fsdp=fsdp), devices)
 
 
 def shardings(mesh: Mesh, axes_tree, shapes_tree=None):
@@ -209,7 +210,7 @@ def shardings(mesh: Mesh, axes_tree, shapes_tree=None):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[batch, seq] arrays: rows split over data x fsdp (replicated over tensor)."""
+    """[batch, seq] arrays: rows split over the batch axes, positions over context."""
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh=mesh))
 
 
@@ -222,9 +223,10 @@ def micro_batch_rows(train: TrainConfig, mesh: Mesh) -> int:
     """Rows of one micro-batch on one device; a batch the mesh cannot split evenly is refused."""
     shards = batch_shards(mesh)
     if (train.batch_size // train.micro_batches) % shards:
+        axes = " x ".join(RULES["batch"])
         raise ConfigError(
             f"train.batch_size={train.batch_size} / train.micro_batches={train.micro_batches} must be "
-            f"divisible by mesh data x fsdp = {shards}; change the batch size or the mesh"
+            f"divisible by mesh {axes} = {shards}; change the batch size or the mesh"
         )
     return train.batch_size // train.micro_batches // shards
 
@@ -260,7 +262,8 @@ def batch_blocks(procs: np.ndarray, axis_names: list[str], process_index: int) -
     if len(sizes) != 1 or covered != list(range(n_blocks)):
         raise ConfigError(
             f"the mesh gives processes overlapping or uneven parts of the batch ({held}); "
-            "each process must hold an equal share of the data x fsdp axes; change the mesh sizes"
+            f"each process must hold an equal share of the {' x '.join(batch_axes)} axes; "
+            "change the mesh sizes"
         )
     # make_mesh gives each process one contiguous block (rank == position). A topology-aware TPU
     # layout may give a process scattered blocks: it then feeds the rank-th share of the rows,
