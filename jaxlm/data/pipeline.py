@@ -4,7 +4,8 @@ The global sample index g = step * global_batch + row is the only state: epoch g
 window order[g], where ``order`` is grain's seeded shuffle that changes every epoch. So the batch of
 step s is the same for any process count or mesh, a run resumed at step s sees exactly what an
 uninterrupted run would have, and a global batch may straddle an epoch boundary. Each process
-builds only its own rows.
+builds only its own rows. A data.mixture keeps that: ``Mixture`` maps g to (source, k), and the
+source's k-th sample is its window ``order_source[k]`` of its own epochs.
 """
 
 from __future__ import annotations
