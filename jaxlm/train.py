@@ -183,19 +183,19 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         return mean_loss(eval_step, params, batches, to_global)
 
     def val_loss(params) -> dict[str, float]:
-        """{"loss": the val loss}; for a mixture also each source's "<name>/loss", and "loss" is
-        their mean weighted by data.mixture (over the sources that have a val split)."""
+        """{"loss": the val loss}; for a mixture also each source's "<name>/loss" (those with a val
+        split), and "loss" is ``pipeline.mixture_loss`` of them."""
         if not cfg.data.mixture:
             return {"loss": split_loss(params, cfg.data, index)}
-        weights, indexes = pipeline.mixture_weights(cfg.data), index["sources"]
         losses = {
-            name: split_loss(params, source, indexes[name])
+            name: split_loss(params, source, index["sources"][name])
             for name, source in pipeline.mixture_sources(cfg.data).items()
-            if indexes[name]["splits"]["val"]["tokens"] > 0
+            if index["sources"][name]["splits"]["val"]["tokens"] > 0
         }
-        total = sum(weights[name] for name in losses)
-        overall = sum(weights[name] * loss for name, loss in losses.items()) / total
-        return {"loss": overall, **{f"{name}/loss": loss for name, loss in losses.items()}}
+        return {
+            "loss": pipeline.mixture_loss(cfg.data, losses),
+            **{f"{n}/loss": v for n, v in losses.items()},
+        }
 
     log = RunLogger(run_path, t.steps, start_step)
     n_params = lm.get(cfg.model).count

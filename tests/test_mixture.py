@@ -13,7 +13,7 @@ import pytest
 from test_data import TINY, prepared, random_texts, take
 
 from jaxlm.config import DataConfig
-from jaxlm.data.pipeline import Loader, Mixture, ensure_prepared, mixture_sources
+from jaxlm.data.pipeline import Loader, Mixture, ensure_prepared, mixture_loss, mixture_sources
 from jaxlm.data.prepare import DataError, prepare
 from jaxlm.data.segmenter import TokenStream, Windows
 
@@ -119,7 +119,7 @@ def test_every_window_of_each_source_comes_once_per_its_epoch(tmp_path):
         for n, s in mixture_sources(data_cfg).items()
     ), "two windows look alike; the test cannot tell them apart"
     loader = Loader(data_cfg, TINY, index, 8, 0)
-    n_windows = {name: len(w) for name, w in zip(loader.sources, loader.windows, strict=True)}
+    n_windows = {name: len(w) for name, w in zip(loader.sources, loader.source_windows, strict=True)}
     steps = 40
     rows = rows_of(take(loader, steps), ids)
     for name, n in n_windows.items():
@@ -156,6 +156,35 @@ def test_resume_and_two_processes_give_the_uninterrupted_batches(tmp_path):
     # The order of data.mixture's keys changes nothing: sources are dealt in the order of their names.
     reordered = dataclasses.replace(data_cfg, mixture=dict(reversed(data_cfg.mixture.items())))
     assert_same(take(Loader(reordered, TINY, index, 8, 0), 12), uninterrupted)
+
+
+def test_val_loss_weighs_the_sources_with_a_val_split_by_the_step_0_weights():
+    data_cfg = DataConfig(mixture={"a/web": 0.6, "b/code": 0.2, "c/books": 0.2})
+    # float64: three products and a sum of values below 10, off by a few ulps (2.2e-16 each)
+    assert mixture_loss(data_cfg, {"web": 2.0, "code": 3.0, "books": 5.0}) == pytest.approx(2.8, rel=1e-14)
+    assert mixture_loss(data_cfg, {"code": 3.0, "books": 5.0}) == pytest.approx(4.0, rel=1e-14)  # no web val
+    later = DataConfig(
+        mixture={"a/web": 1.0, "b/code": 0.0}, mixture_schedule=((5, {"a/web": 0.0, "b/code": 1.0}),)
+    )
+    assert mixture_loss(later, {"code": 3.0}) == 3.0  # weight 0 at step 0 for all with val: their mean
+
+
+def test_resuming_a_scheduled_mixture_notes_no_config_change():
+    """The checkpoint's config is JSON (lists); the run's has tuples: the same schedule is no change."""
+    from jaxlm import checkpoint
+    from jaxlm.config import Config, apply_overrides, to_dict
+
+    sets = {
+        "data.mixture": "a/web:0.5,b/code:0.5",
+        "data.mixture_schedule": '[[10, {"a/web": 1, "b/code": 0}]]',
+    }
+    cfg = apply_overrides(Config(), sets)
+    saved = json.loads(json.dumps(to_dict(cfg)))
+    assert checkpoint._config_changes(saved, to_dict(cfg)) == []
+    later = apply_overrides(cfg, {"data.mixture_schedule": '[[20, {"a/web": 1, "b/code": 0}]]'})
+    assert checkpoint._config_changes(saved, to_dict(later)) == [
+        "data.mixture_schedule: [[10, {'a/web': 1, 'b/code': 0}]] -> [[20, {'a/web': 1, 'b/code': 0}]]"
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,6 +192,17 @@ def describe_mixture(data_cfg: DataConfig, index: dict) -> str:
     return line
 
 
+def mixture_loss(data_cfg: DataConfig, losses: dict[str, float]) -> float:
+    """The mixture's val loss from its sources' ({name: loss}, those with a val split): their mean
+    weighted by data.mixture (the step-0 weights, so it stays comparable along a schedule), or the
+    plain mean when those weights give all of them 0."""
+    weights = mixture_weights(data_cfg)
+    total = sum(weights[name] for name in losses)
+    if total == 0:
+        return sum(losses.values()) / len(losses)
+    return sum(weights[name] * loss for name, loss in losses.items()) / total
+
+
 def split_tokens(index: dict, split: str) -> int:
     """Tokens in ``split`` of what ``ensure_prepared`` returned, summed over a mixture's sources."""
     indexes = index["sources"].values() if "sources" in index else [index]
@@ -365,9 +376,10 @@ class Loader:
     """Infinite iterator of this process's [global_batch / process_count, seq_len] training batches.
 
     Batches are built ``data_cfg.prefetch`` ahead by a grain prefetch thread, or by
-    ``data_cfg.workers`` grain worker processes; call ``close()`` to stop them. For a data.mixture
-    (``index`` from ``ensure_prepared``), ``Mixture`` picks each sample's source; ``self.mixture``
-    is None otherwise.
+    ``data_cfg.workers`` grain worker processes; call ``close()`` to stop them. ``self.windows``
+    are data.dir's train windows; for a data.mixture (``index`` from ``ensure_prepared``),
+    ``self.mixture`` picks each sample's source from ``self.sources`` (name -> config) and
+    ``self.source_windows`` are theirs (``self.mixture`` is None otherwise).
     """
 
     def __init__(
@@ -384,14 +396,14 @@ class Loader:
         self.global_batch, self.mixture = global_batch, None
         if data_cfg.mixture:
             self.sources = mixture_sources(data_cfg)
-            self.windows = [
+            self.source_windows = [
                 _train_windows(source, model_cfg, index["sources"][name])
                 for name, source in self.sources.items()
             ]
             # Each source shuffles its own windows, its seed tied to its name, not its place.
             orders = [
                 window_order(len(w), f"{data_cfg.shuffle_seed}:{name}", data_cfg.shuffle)
-                for w, name in zip(self.windows, self.sources, strict=True)
+                for w, name in zip(self.source_windows, self.sources, strict=True)
             ]
             # Piece (s, weights) deals the samples of train steps s, s+1, ...: g >= (s - 1) * global_batch.
             pieces = [(1, data_cfg.mixture), *data_cfg.mixture_schedule]
@@ -400,7 +412,9 @@ class Loader:
                 [(step - 1) * global_batch for step, _ in pieces],
                 data_cfg.shuffle_seed,
             )
-            batch_at = _MixtureBatchAt(self.windows, orders, self.mixture, global_batch, first_row, rows)
+            batch_at = _MixtureBatchAt(
+                self.source_windows, orders, self.mixture, global_batch, first_row, rows
+            )
         else:
             self.windows = _train_windows(data_cfg, model_cfg, index)
             order = window_order(len(self.windows), data_cfg.shuffle_seed, data_cfg.shuffle)
@@ -443,7 +457,7 @@ class Loader:
         B = self.global_batch
         before, after = self.mixture.counts((step - 1) * B), self.mixture.counts(step * B)
         out = {}
-        for name, windows, a, b in zip(self.sources, self.windows, before, after, strict=True):
+        for name, windows, a, b in zip(self.sources, self.source_windows, before, after, strict=True):
             out[f"{name}/share"] = (b - a) / B
             out[f"{name}/epoch"] = b / len(windows)
         return out
