@@ -328,7 +328,7 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
     if origin in (tuple, dict) and any(typing.get_origin(a) for a in args):
         # Containers of containers are written as config.json writes them.
         try:
-            return from_json(json.loads(text), tp)
+            return from_json(json.loads(text), tp) if text else origin()  # '' is empty, as for a flat tuple
         except json.JSONDecodeError as e:
             raise ConfigError(
                 f"{key}={text!r} is not valid JSON ({e}); write it as config.json does"

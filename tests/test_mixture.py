@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,31 @@ def test_resuming_a_scheduled_mixture_notes_no_config_change():
     assert checkpoint._config_changes(saved, to_dict(later)) == [
         "data.mixture_schedule: [[10, {'a/web': 1, 'b/code': 0}]] -> [[20, {'a/web': 1, 'b/code': 0}]]"
     ]
+
+
+def test_a_sweep_over_mixtures_passes_them_to_its_runs_as_text(tmp_path):
+    """Each sweep run is a `jaxlm train --set ...` command: a mixture and a schedule must survive it."""
+    from jaxlm import sweep
+
+    experiment = tmp_path / "mix_sweep.py"
+    experiment.write_text(
+        textwrap.dedent(f"""
+        from jaxlm import sweep
+        from jaxlm.config import load_config
+
+        def get_config():
+            return load_config({str(ROOT / "experiments" / "tiny.py")!r})
+
+        def get_sweep():
+            return sweep.grid({{
+                "data.mixture": [{{"a/web": 0.7, "b/code": 0.3}}, {{"a/web": 0.5, "b/code": 0.5}}],
+                "data.mixture_schedule": [(), ((10, {{"a/web": 0.0, "b/code": 1.0}}),)],
+            }})
+        """)
+    )
+    runs = sweep.expand(experiment, [f"train.run_dir={tmp_path}"])
+    assert len(runs) == 4 and len({r.name for r in runs}) == 4
+    assert runs[1].cfg.data.mixture_schedule == ((10, {"a/web": 0.0, "b/code": 1.0}),)
 
 
 # --------------------------------------------------------------------------------------------
