@@ -120,7 +120,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
 def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> dict[str, Any]:
     # Imported here, not at the top: the data pipeline needs grain, and what imports this module
     # for its state and step alone (jaxlm bench, on synthetic tokens) must run where grain is absent.
-    from jaxlm.data import pipeline
+    from jaxlm.data import mixture, pipeline
 
     t, pid = cfg.train, jax.process_index()
 
@@ -184,16 +184,16 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
 
     def val_loss(params) -> dict[str, float]:
         """{"loss": the val loss}; for a mixture also each source's "<name>/loss" (those with a val
-        split), and "loss" is ``pipeline.mixture_loss`` of them."""
+        split), and "loss" is ``mixture.mixture_loss`` of them."""
         if not cfg.data.mixture:
             return {"loss": split_loss(params, cfg.data, index)}
         losses = {
             name: split_loss(params, source, index["sources"][name])
-            for name, source in pipeline.mixture_sources(cfg.data).items()
+            for name, source in mixture.mixture_sources(cfg.data).items()
             if index["sources"][name]["splits"]["val"]["tokens"] > 0
         }
         return {
-            "loss": pipeline.mixture_loss(cfg.data, losses),
+            "loss": mixture.mixture_loss(cfg.data, losses),
             **{f"{n}/loss": v for n, v in losses.items()},
         }
 

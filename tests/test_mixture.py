@@ -14,7 +14,8 @@ import pytest
 from test_data import TINY, prepared, random_texts, take
 
 from jaxlm.config import DataConfig
-from jaxlm.data.pipeline import Loader, Mixture, ensure_prepared, mixture_loss, mixture_sources
+from jaxlm.data.mixture import Mixture, mixture_loss, mixture_sources
+from jaxlm.data.pipeline import Loader, ensure_prepared
 from jaxlm.data.prepare import DataError, prepare
 from jaxlm.data.segmenter import TokenStream, Windows
 
