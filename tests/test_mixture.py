@@ -298,7 +298,8 @@ def test_cli_trains_on_two_sources_and_logs_each(tmp_path, capsys):
         assert web_loss != code_loss
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 
-    # `jaxlm eval` of a mixture run needs the source to evaluate on: one error line naming them.
+    # `jaxlm eval` of a mixture run needs the source to evaluate on (`--data DIR`, which compiles the
+    # eval step again and is left out for time): one error line naming them.
     capsys.readouterr()
     assert cli(["eval", "--checkpoint", str(run)]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
