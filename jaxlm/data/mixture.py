@@ -52,9 +52,9 @@ class Mixture:
     the samples that no source before j took, the m-th goes to source j exactly when
     ``taken_j(m + 1) > taken_j(m)``, where ``taken_j(m) = (m * W_j + c_j) // R_j`` counts the first m
     of them that source j takes, W_j is j's weight in units of 2^-20, R_j the weight of sources j
-    and after, and c_j in [0, R_j) a seeded offset. So a source's share of any n consecutive
-    samples is within J (the number of sources) of n times its weight, and how many samples each
-    source had before g is O(J) integer arithmetic, never a scan from sample 0.
+    and after, and c_j in [0, R_j) a seeded offset. So within a piece a source's count among any n
+    consecutive samples is within J (the number of sources) of n times its weight, and how many
+    samples each source had before g is O(J) integer arithmetic, never a scan from sample 0.
 
     ``starts[i]`` is the first global sample of piece i (0 for the first). Each source's sample
     counter runs on across pieces: its k-th sample overall is the k-th of its own window stream.
