@@ -69,7 +69,7 @@ def test_realised_shares_match_the_weights_within_binomial_tolerance():
     counts = np.bincount(sources, minlength=3)
     for j, p in enumerate(weights):
         # A seeded random draw per sample would give Binomial(n, p) counts: 4 standard deviations,
-        # 4 * sqrt(n p (1 - p)) (= 196 samples for p = 0.6), is missed with probability 6e-5.
+        # 4 * sqrt(n p (1 - p)) (277 samples for p = 0.6), is exceeded with probability 6e-5.
         assert abs(counts[j] - n * p) <= 4 * math.sqrt(n * p * (1 - p)), (j, counts)
     # The rule is stratified, much tighter than that: any 64 consecutive samples hold each source
     # within J = 3 samples of 64 p (the docstring's bound), so every batch has its share.
@@ -85,9 +85,10 @@ def test_realised_shares_match_the_weights_within_binomial_tolerance():
         j, k = mixture.locate(g)
         assert k == seen[j]
         seen[j] += 1
-    # A pure function of the seed: another seed deals another sequence with the same shares.
+    # A pure function of the seed: another seed deals another sequence with the same shares (both
+    # counts within J = 3 of n p, so within 6 of each other).
     other = np.array([Mixture([weights], [0], seed=6).locate(g)[0] for g in range(n)])
-    assert (other != sources).any() and np.array_equal(np.bincount(other, minlength=3), counts)
+    assert (other != sources).any() and np.abs(np.bincount(other, minlength=3) - counts).max() < 6
 
 
 def test_a_schedule_changes_the_shares_from_its_step_and_each_counter_runs_on():
