@@ -5,7 +5,8 @@
 
 Prepare is measured on the Shakespeare corpus and on a synthetic corpus made by repeating it;
 the loader on GPT-2-124M shapes (seq_len 1024, global batch 32, shuffle on) reading the synthetic
-corpus, with and without document masking and with loader worker processes.
+corpus, with and without document masking, with loader worker processes, and on a mixture of the
+synthetic corpus and Shakespeare.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def bench_loader(directory: Path, seconds: float, label: str, **data_overrides) 
 
     data_cfg = DataConfig(dir=str(directory), tokenizer="gpt2", shuffle=True, **data_overrides)
     model_cfg = ModelConfig()  # GPT-2 124M: seq_len 1024
-    index = ensure_prepared(data_cfg, model_cfg)
+    index = ensure_prepared(data_cfg, model_cfg, check_split=False)  # the directory prepared above
     batches = Loader(data_cfg, model_cfg, index, global_batch=32, start_step=0)
     next(batches)  # start-up (worker processes, eot scan) is not throughput
     t0, c0, n = time.perf_counter(), cpu_seconds(), 0
@@ -102,6 +103,9 @@ def main() -> None:
         bench_loader(out, args.seconds, "workers=0 prefetch=4")
         bench_loader(out, args.seconds, "workers=0 document_masking", document_masking=True)
         bench_loader(out, args.seconds, "workers=2 prefetch=4", workers=2)
+        # Dealing samples to sources is O(sources) integer arithmetic per row, next to the window copy.
+        mixture = {str(out): 0.7, str(work / "shakespeare"): 0.3}
+        bench_loader(out, args.seconds, "workers=0 mixture of 2 (0.7/0.3)", mixture=mixture)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

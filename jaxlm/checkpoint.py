@@ -138,9 +138,8 @@ def _config_changes(saved: dict, current: dict) -> list[str]:
         a, b = saved.get(section), current.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                va, vb = a.get(key), b.get(key)
-                if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
-                    va, vb = list(va), list(vb)
+                # As the saved JSON holds them: tuples are lists at any depth (data.mixture_schedule).
+                va, vb = json.loads(json.dumps(a.get(key))), json.loads(json.dumps(b.get(key)))
                 if va != vb:
                     changes.append(f"{section}.{key}: {va!r} -> {vb!r}")
         elif a != b:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import traceback
 import types
 import typing
@@ -140,6 +141,18 @@ class DataConfig:
     """Worker processes for the loader; 0 loads in the training process with a prefetch thread."""
     prefetch: int = 4
     """Batches prepared ahead of the training step."""
+    mixture: dict[str, float] = field(default_factory=dict, hash=False)
+    """Train on several prepared directories (``jaxlm prepare --out``) at once, {directory: weight},
+    e.g. {"data_cache/web": 0.7, "data_cache/code": 0.3} (``--set data.mixture=a:0.7,b:0.3``).
+    Weights are relative shares of the samples; each source keeps its own windows, shuffle, epochs
+    and train/val split, and is named by its directory's last component (``val/<name>/loss``).
+    Empty (default): train on ``data.dir``; with a mixture, data.dir and data.inputs are not read.
+    See docs/data.md#mixtures."""
+    mixture_schedule: tuple[tuple[int, dict[str, float]], ...] = field(default=(), hash=False)
+    """Pieces (step, weights): from train step ``step`` on, samples are drawn with ``weights`` (the
+    same directories as data.mixture, which gives the weights from step 0). Each source's sample
+    counter runs on across a change, so it continues with the next window of its own epoch: none
+    is repeated or skipped. JSON on the command line: ``--set 'data.mixture_schedule=[[1000, {...}]]'``."""
 
 
 @dataclass(frozen=True)
@@ -324,9 +337,25 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
         if text not in args:
             raise ConfigError(f"{key}={text!r} is not valid; choose one of {list(args)}")
         return text
+    if origin in (tuple, dict) and any(typing.get_origin(a) for a in args):
+        # Containers of containers are written as config.json writes them.
+        try:
+            return from_json(json.loads(text), tp) if text else origin()  # '' is empty, as for a flat tuple
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{key}={text!r} is not valid JSON ({e}); write it as config.json does"
+            ) from None
     if origin is tuple:
         items = [s for s in text.split(",") if s] if text else []
         return tuple(parse_value(key, s, args[0]) for s in items)
+    if origin is dict:  # k:v,k:v; a key may hold ':' (a value never does)
+        out = {}
+        for item in (s for s in text.split(",") if s):
+            k, colon, v = item.rpartition(":")
+            if not colon or not k:
+                raise ConfigError(f"{key}: {item!r} must look like KEY:VALUE, e.g. {key}=a:0.7,b:0.3")
+            out[parse_value(key, k, args[0])] = parse_value(key, v, args[1])
+        return out
     if tp is bool:
         lowered = text.lower()
         if lowered in ("true", "1", "yes"):
@@ -377,8 +406,18 @@ def _check_type(key: str, value: Any, tp: Any) -> None:
     if origin is tuple:
         if not isinstance(value, tuple):
             raise ConfigError(f"{key}={value!r} must be a tuple")
-        for v in value:
-            _check_type(key, v, args[0])
+        items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args
+        if len(items) != len(value):
+            raise ConfigError(f"{key}={value!r} must have {len(items)} items, {tp}")
+        for v, item_tp in zip(value, items, strict=True):
+            _check_type(key, v, item_tp)
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a dict")
+        for k, v in value.items():
+            _check_type(key, k, args[0])
+            _check_type(key, v, args[1])
         return
     ok = (
         isinstance(value, bool)
@@ -457,6 +496,63 @@ def _need(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def source_name(directory: str) -> str:
+    """A mixture source's name in logs and metrics (``val/<name>/loss``): its directory's last component."""
+    return Path(directory).name
+
+
+def _check_mixture(d: DataConfig) -> None:
+    if not d.mixture:
+        _need(
+            not d.mixture_schedule,
+            "data.mixture_schedule",
+            "changes the weights of data.mixture, which is empty; set data.mixture to the weights at step 0",
+        )
+        return
+    names: dict[str, str] = {}
+    for directory in d.mixture:
+        name = source_name(directory)
+        _need(bool(name), "data.mixture", f"{directory!r} must name a prepared directory")
+        _need(
+            name not in names,
+            "data.mixture",
+            f"{names.get(name)!r} and {directory!r} have the same last component {name!r}, which names "
+            "a source in the logs (val/<name>/loss); rename one of the directories",
+        )
+        names[name] = directory
+    pieces = [(0, d.mixture), *d.mixture_schedule]
+    for i, (step, weights) in enumerate(pieces):
+        key = f"data.mixture_schedule[{i - 1}]" if i else "data.mixture"
+        if i:
+            _need(
+                step > pieces[i - 1][0],
+                key,
+                f"starts at step {step}, not after the previous piece's {pieces[i - 1][0]}: list the pieces "
+                "in increasing step order after 0 (data.mixture holds the weights from step 0)",
+            )
+            missing, extra = sorted(set(d.mixture) - set(weights)), sorted(set(weights) - set(d.mixture))
+            differ = ", ".join([f"lacks {missing}"] * bool(missing) + [f"adds {extra}"] * bool(extra))
+            _need(
+                not differ,
+                key,
+                f"weighs other directories than data.mixture ({differ}); every piece weighs the same "
+                "ones, 0 for a source it leaves out",
+            )
+        for directory, w in weights.items():
+            _need(
+                0 <= w < float("inf"),  # NaN fails both comparisons
+                key,
+                f"the weight of {directory!r} must be a finite number >= 0, got {w}",
+            )
+        _need(sum(weights.values()) > 0, key, "weights are all 0; give at least one source a weight")
+    never = [k for k in d.mixture if all(weights[k] == 0 for _, weights in pieces)]
+    _need(
+        not never,
+        "data.mixture",
+        f"{never} have weight 0 in every piece and would never be sampled; remove them or give them a weight",
+    )
+
+
 def validate(cfg: Config) -> Config:
     for section in _SECTIONS:
         sub = getattr(cfg, section)
@@ -523,6 +619,7 @@ def validate(cfg: Config) -> Config:
     _need(d.workers >= 0, "data.workers", "must be >= 0")
     _need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
     _need(bool(d.dir), "data.dir", "must name the prepared data directory")
+    _check_mixture(d)
     _need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     _need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -631,6 +728,20 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def from_json(value: Any, tp: Any) -> Any:
+    """``value`` as JSON holds it (lists for tuples) in the declared type ``tp``; what does not fit
+    is left as it is for the type check to name."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args
+        if len(items) != len(value):
+            return tuple(value)
+        return tuple(from_json(v, item_tp) for v, item_tp in zip(value, items, strict=True))
+    if origin is dict and isinstance(value, dict):
+        return {k: from_json(v, args[1]) for k, v in value.items()}
+    return value
+
+
 def from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. a checkpoint's config.json), validated."""
     if "seed" in d.get("data", {}):  # before split_seed/shuffle_seed, one data.seed served both
@@ -652,6 +763,6 @@ def from_dict(d: dict[str, Any]) -> Config:
         bad = set(d[name]) - set(hints)
         if bad:
             raise ConfigError(f"unknown keys {sorted(bad)} in section {name!r}; valid: {sorted(hints)}")
-        values = {k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in d[name].items()}
+        values = {k: from_json(v, hints[k]) for k, v in d[name].items()}
         kwargs[name] = cls(**values)
     return validate(Config(**kwargs))

@@ -67,7 +67,7 @@ def evaluate_checkpoint(
                 f"--data {str(data_dir)!r} holds no prepared data (no index.json); prepare it with "
                 f"`jaxlm prepare ... --out {data_dir}` using tokenizer {cfg.data.tokenizer!r}"
             )
-        data_cfg = dataclasses.replace(cfg.data, dir=str(data_dir))
+        data_cfg = dataclasses.replace(cfg.data, dir=str(data_dir), mixture={}, mixture_schedule=())
     index = pipeline.ensure_prepared(data_cfg, cfg.model, check_split=data_dir is None)
     global_batch = batch_size or cfg.train.batch_size // cfg.train.micro_batches
     n_batches = cfg.train.eval_batches if batches is None else batches

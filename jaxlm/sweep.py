@@ -229,8 +229,12 @@ def _fmt(v: Any) -> str:
         return "none"
     if isinstance(v, float):
         return repr(v)
+    if isinstance(v, tuple) and any(isinstance(x, tuple | dict) for x in v):
+        return json.dumps(v)  # containers of containers (data.mixture_schedule) parse as JSON
     if isinstance(v, tuple):
         return ",".join(_fmt(x) for x in v)
+    if isinstance(v, dict):
+        return ",".join(f"{k}:{_fmt(x)}" for k, x in v.items())
     return str(v)
 
 

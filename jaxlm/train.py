@@ -120,7 +120,7 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
 def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> dict[str, Any]:
     # Imported here, not at the top: the data pipeline needs grain, and what imports this module
     # for its state and step alone (jaxlm bench, on synthetic tokens) must run where grain is absent.
-    from jaxlm.data import pipeline
+    from jaxlm.data import mixture, pipeline
 
     t, pid = cfg.train, jax.process_index()
 
@@ -176,11 +176,26 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return sharding.global_batch(local, batch_sh, data_part[1])
 
-    def val_loss(params) -> float:
+    def split_loss(params, data_cfg, index) -> float:
         batches = pipeline.eval_batches(
-            cfg.data, cfg.model, index, t.batch_size // t.micro_batches, t.eval_batches, *data_part
+            data_cfg, cfg.model, index, t.batch_size // t.micro_batches, t.eval_batches, *data_part
         )
         return mean_loss(eval_step, params, batches, to_global)
+
+    def val_loss(params) -> dict[str, float]:
+        """{"loss": the val loss}; for a mixture also each source's "<name>/loss" (those with a val
+        split), and "loss" is ``mixture.mixture_loss`` of them."""
+        if not cfg.data.mixture:
+            return {"loss": split_loss(params, cfg.data, index)}
+        losses = {
+            name: split_loss(params, source, index["sources"][name])
+            for name, source in mixture.mixture_sources(cfg.data).items()
+            if index["sources"][name]["splits"]["val"]["tokens"] > 0
+        }
+        return {
+            "loss": mixture.mixture_loss(cfg.data, losses),
+            **{f"{n}/loss": v for n, v in losses.items()},
+        }
 
     log = RunLogger(run_path, t.steps, start_step)
     n_params = lm.get(cfg.model).count
@@ -188,12 +203,14 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
         f"jaxlm: {cfg.name} | {n_params / 1e6:.2f}M params, {cfg.model.compute_dtype} compute | "
         f"mesh {dict(mesh.shape)} on "
         f"{jax.device_count()} {jax.default_backend()} device(s) | "
-        f"{index['splits']['train']['tokens']:,} train tokens | step {start_step} -> {t.steps}"
+        f"{pipeline.split_tokens(index, 'train'):,} train tokens | step {start_step} -> {t.steps}"
     )
     log.line(
         f"unigram entropy of the train split: {pipeline.unigram_entropy(cfg.data, index):.3f} nats/token "
         "(the loss to beat)"
     )
+    if cfg.data.mixture:
+        log.line(pipeline.describe_mixture(cfg.data, index))
     for note in notes:
         log.line(note)
     ckpt = checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint, say=log.line)
@@ -235,6 +252,8 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                 prefix="train/",
             )
             log.progress(step, m)
+            if batches.mixture is not None:
+                log.scalars(step, batches.mixture_scalars(step), prefix="data/")
 
     stopped = None  # (step, signal name) when SIGTERM/SIGINT ended the run early
     reached = None  # the step whose val loss met train.target_val_loss
@@ -253,11 +272,17 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
             if not stopping and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
                 drain(pending)
                 pending = None
-                if index["splits"]["val"]["tokens"] > 0:
-                    val = val_loss(state.params)
+                if pipeline.split_tokens(index, "val") > 0:
+                    vals = val_loss(state.params)
+                    val = vals["loss"]
                     best_val = min(best_val, val)
-                    log.scalars(step, {"loss": val, "perplexity": perplexity(val)}, prefix="val/")
-                    log.line(f"step {step:6d} | val loss {val:.4f} | val ppl {perplexity(val):.2f}")
+                    log.scalars(step, {**vals, "perplexity": perplexity(val)}, prefix="val/")
+                    by_source = "".join(
+                        f" | {k.removesuffix('/loss')} {v:.4f}" for k, v in vals.items() if k != "loss"
+                    )
+                    log.line(
+                        f"step {step:6d} | val loss {val:.4f} | val ppl {perplexity(val):.2f}{by_source}"
+                    )
                     # Every process computed the same global val loss, so all of them stop here.
                     if t.target_val_loss and val <= t.target_val_loss:
                         reached = step

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def test_overrides_parse_against_declared_types():
         ("model.global_every", "2", "global_every=2 with attention_window=0"),
         ("train.target_val_loss", "-1", "train.target_val_loss: must be a finite number >= 0"),
         ("train.target_val_loss", "nan", "train.target_val_loss: must be a finite number >= 0"),
+        ("data.mixture", "a/web:0.7,b/web:0.3", "'a/web' and 'b/web' have the same last component 'web'"),
+        ("data.mixture", "web:-1,code:1", "data.mixture: the weight of 'web' must be a finite number >= 0"),
+        ("data.mixture", "web", "data.mixture: 'web' must look like KEY:VALUE"),
+        ("data.mixture", "web:0,code:0", "data.mixture: weights are all 0"),
+        ("data.mixture", "web:0,code:1", "['web'] have weight 0 in every piece and would never be sampled"),
+        (
+            "data.mixture_schedule",
+            '[[10, {"web": 1}]]',
+            "changes the weights of data.mixture, which is empty",
+        ),
+        ("data.mixture_schedule", "[[10, {", "data.mixture_schedule='[[10, {' is not valid JSON"),
     ],
 )
 def test_bad_overrides_name_the_key(key, value, needle):
@@ -85,6 +97,47 @@ def test_roundtrip_through_dict():
     assert config.from_dict(config.to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="unknown keys"):
         config.from_dict({"model": {"bogus": 1}})
+
+
+def test_a_mixture_parses_from_set_and_survives_config_json():
+    cfg = apply_overrides(
+        Config(),
+        {
+            "data.mixture": "data_cache/web:0.7,data_cache/code:0.3",
+            "data.mixture_schedule": '[[1000, {"data_cache/web": 0.5, "data_cache/code": 0.5}]]',
+        },
+    )
+    assert cfg.data.mixture == {"data_cache/web": 0.7, "data_cache/code": 0.3}
+    assert cfg.data.mixture_schedule == ((1000, {"data_cache/web": 0.5, "data_cache/code": 0.5}),)
+    assert config.from_dict(json.loads(json.dumps(config.to_dict(cfg)))) == cfg
+    assert hash(cfg.data) == hash(Config().data)  # still a key (sweeps prepare each data config once)
+
+
+@pytest.mark.parametrize(
+    "schedule, needle",
+    [
+        (
+            '[[10, {"web": 1}]]',
+            "data.mixture_schedule[0]: weighs other directories than data.mixture (lacks ['code'])",
+        ),
+        ('[[10, {"web": 1, "code": 1, "x": 1}]]', "(adds ['x'])"),
+        (
+            '[[0, {"web": 1, "code": 1}]]',
+            "data.mixture_schedule[0]: starts at step 0, not after the previous piece's 0",
+        ),
+        (
+            '[[10, {"web": 1, "code": 0}], [5, {"web": 0, "code": 1}]]',
+            "[1]: starts at step 5, not after the previous piece's 10",
+        ),
+        ('[[10, {"web": 0, "code": 0}]]', "data.mixture_schedule[0]: weights are all 0"),
+        ('[[10.5, {"web": 1, "code": 1}]]', "has type float; expected int"),
+    ],
+)
+def test_a_mixture_schedule_weighs_the_same_sources_in_step_order(schedule, needle):
+    base = apply_overrides(Config(), {"data.mixture": "web:0.5,code:0.5"})
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(base, {"data.mixture_schedule": schedule})
+    assert needle in str(e.value)
 
 
 def test_every_shipped_experiment_loads():
