@@ -48,7 +48,7 @@ from jaxlm.files import read_json, write_json
 
 Overrides = dict[str, Any]  # {"section.field": value}
 RESERVED = ("name", "train.run_dir")  # the sweep sets these for every run
-SUMMARY, OVERRIDES = "summary.json", "overrides.json"
+SUMMARY, OVERRIDES, SWEEP_FILE = "summary.json", "overrides.json", "sweep.json"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -348,7 +348,7 @@ def prepare_data(runs: list[Run]) -> None:
 def write_sweep_file(runs: list[Run], experiment: str | Path, base_set: list[str]) -> Path:
     root = runs[0].path.parent
     root.mkdir(parents=True, exist_ok=True)
-    path = root / "sweep.json"
+    path = root / SWEEP_FILE
     write_json(
         path,
         {
