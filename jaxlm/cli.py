@@ -238,6 +238,13 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train only run i here (SLURM array tasks; default: all runs)",
     )
+    p.add_argument(
+        "--sbatch",
+        default="",
+        metavar="OPTIONS",
+        help="with --executor slurm: sbatch options over launch/slurm.sbatch's #SBATCH lines, as one "
+        "string, e.g. --sbatch='--nodes=1 --time=2:00:00' (default: the script's)",
+    )
 
 
 def _sweep(args: argparse.Namespace) -> int:
