@@ -36,11 +36,16 @@ mkdir -p "$RUN" /var/log/slurm /var/spool/slurm-localhost/ctld /var/spool/slurm-
 if [[ ! -s /etc/munge/munge.key ]]; then mungekey --create --keyfile=/etc/munge/munge.key; fi
 chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
 mkdir -p /run/munge && chown munge:munge /run/munge
-runuser -u munge -- munged --pid-file="$RUN/munged.pid"
-for _ in $(seq 50); do [[ -S /run/munge/munge.socket.2 ]] && break; sleep 0.1; done
+if ! munge -n 2> /dev/null | unmunge > /dev/null 2>&1; then # not already served (e.g. by systemd)
+  runuser -u munge -- munged --pid-file="$RUN/munged.pid"
+  for _ in $(seq 50); do munge -n 2> /dev/null | unmunge > /dev/null 2>&1 && break; sleep 0.1; done
+fi
 
 # ---- slurm.conf: this host is the controller and the one compute node --------------------------
 host=$(hostname -s)
+# The node's name must resolve: slurmctld looks itself up, and jax.distributed's coordinator is
+# the step's first node by name.
+if ! getent hosts "$host" > /dev/null; then echo "127.0.0.1 $host" >> /etc/hosts; fi
 node=$(slurmd -C | head -1) # "NodeName=HOST CPUs=.. Boards=.. ... RealMemory=..", as slurmd sees it
 mkdir -p /etc/slurm
 if [[ -f /etc/slurm/slurm.conf ]] && ! grep -q '^# Written by launch/slurm_localhost.sh' /etc/slurm/slurm.conf; then

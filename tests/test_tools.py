@@ -3,16 +3,22 @@ writes), jax.profiler traces of `jaxlm train --profile` and `jaxlm bench --profi
 step, and a real one-node SLURM cluster running launch/slurm.sbatch and a sweep's job array."""
 
 import json
+import os
+import re
+import shutil
 import struct
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from jaxlm import bench, cli, profile, report, sweep
+from jaxlm import bench, cli, profile, report, sweep, train
+from jaxlm.config import apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +182,143 @@ def test_bench_profile_names_each_traced_step(tiny_cfg, tmp_path):
     r = bench.run_bench(tiny_cfg, 1, 0, matmul_n=64, profile_dir=str(tmp_path / "prof"), ceiling=False)
     folder = Path(r["profile"]["trace"]).parent
     assert traced_steps(folder) == [1, 2, 3] and "jit_train_step" in r["profile"]["modules"]
+
+
+# --------------------------------------------------------------------------------------------
+# A real SLURM: the one-node cluster of launch/slurm_localhost.sh, which .ci/run starts.
+# --------------------------------------------------------------------------------------------
+
+TINY = ROOT / "experiments" / "tiny.py"
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL")
+
+
+@pytest.fixture
+def slurm():
+    """A SLURM controller that answers, with a node that takes jobs. CI must have one (.ci/run
+    installs Debian's slurm-wlm and munge and runs launch/slurm_localhost.sh), so there its absence
+    fails; elsewhere the tests are skipped, saying how to start one."""
+    how = "as root: apt-get install -y slurm-wlm munge && launch/slurm_localhost.sh"
+    if shutil.which("sbatch") is None:
+        problem = "sbatch is not on PATH"
+    else:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+        states = out.stdout.split()
+        usable = [s for s in states if s.rstrip("*") in ("idle", "mixed", "allocated", "completing")]
+        problem = "" if out.returncode == 0 and usable else f"sinfo: {(out.stderr or out.stdout).strip()!r}"
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"no SLURM cluster in CI ({problem}); .ci/run must start one: {how}")
+        pytest.skip(f"no SLURM cluster here ({problem}); to run these tests, {how}")
+
+
+def wait_for_job(job_id: str, timeout: float = 600) -> list[str]:
+    """The final states of job ``job_id`` (of each task of an array), polled every 0.2 s: sooner
+    than ``sbatch --wait``, which looks every few seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+        states = re.findall(r"\bJobState=(\S+)", out.stdout)
+        if states and all(s in DONE for s in states):
+            return states
+        time.sleep(0.2)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"SLURM job {job_id} still running after {timeout} s: {out.stdout}")
+
+
+def submitted_job(text: str) -> str:
+    (job_id,) = re.findall(r"Submitted batch job (\d+)", text)
+    return job_id
+
+
+def test_slurm_sbatch_trains_2_processes_x_4_cpu_devices_like_one_process(slurm, tiny_data, tmp_path):
+    """launch/slurm.sbatch as written, submitted with 2 tasks on one node: srun starts 2 processes
+    that meet through SLURM's variables (jaxlm/distributed.py) and train on 2 x 4 fake CPU devices
+    (CPU_DEVICES=4), one data-parallel mesh of 8. Its losses are this process's run on its 8."""
+    sets = {
+        "data.dir": tiny_data,
+        "train.steps": "4",
+        "train.log_every": "1",
+        "train.eval_every": "4",
+        "train.eval_batches": "1",
+        "checkpoint.every": "0",
+        "mesh.data": "8",
+        "optim.eps": "1e-4",  # as in test_multiprocess: bounds how Adam magnifies rounding
+    }
+    env = dict(
+        os.environ,
+        CPU_DEVICES="4",
+        JAXLM_PYTHON=sys.executable,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    )
+    resources = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
+    script = [str(ROOT / "launch" / "slurm.sbatch"), str(TINY)]
+    script += [f"{k}={v}" for k, v in {**sets, "train.run_dir": str(tmp_path / "slurm")}.items()]
+    submit = subprocess.run(
+        ["sbatch", *resources, f"--output={tmp_path}/job-%j.out", *script],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job_id = submitted_job(submit.stdout)
+
+    # Meanwhile, the same run here: one process, its 8 devices.
+    cfg = apply_overrides(load_config(TINY), {**sets, "train.run_dir": str(tmp_path / "one")})
+    ref = train.run(cfg, resume=False)
+
+    states = wait_for_job(job_id)
+    out = (tmp_path / f"job-{job_id}.out").read_text()
+    assert states == ["COMPLETED"], out
+    assert "jaxlm: 1 nodes x 2 processes" in out and "on 8 cpu device(s)" in out, out
+    summary = json.loads((tmp_path / "slurm" / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 4
+    # Not bitwise: one program on 8 devices, but its all-reduces of the gradients run across two
+    # processes (gloo) instead of within one, in another order. test_multiprocess derives rel=1e-5
+    # for this model and batch: each step's n = 8 x 32 token terms rounded in another order,
+    # ~sqrt(n) x eps = 1.9e-6 relative, through 4 Adam steps with optim.eps=1e-4.
+    assert summary["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
+    assert summary["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
+
+
+def test_sweep_on_slurm_runs_its_array_to_the_end_and_reports(
+    slurm, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """`jaxlm sweep --executor slurm`: a job array of launch/slurm.sbatch --sweep, one task per run
+    (2 at once, one process each), trains both runs to the end; `jaxlm report` tables them."""
+    experiment = tmp_path / "slurm_sweep.py"
+    experiment.write_text(
+        textwrap.dedent(
+            f'''
+            """Run: - Expect: -"""
+            from jaxlm import sweep
+            from jaxlm.config import load_experiment
+
+            def get_config():
+                return load_experiment({str(TINY)!r}).get_config()
+
+            def get_sweep():
+                return sweep.grid({{"train.seed": [0, 1]}})
+            '''
+        )
+    )
+    sets = [f"data.dir={tiny_data}", f"train.run_dir={tmp_path / 'runs'}", "train.steps=3"]
+    sets += ["train.log_every=1", "train.eval_every=3", "train.eval_batches=1", "checkpoint.every=0"]
+    monkeypatch.setenv("CPU_DEVICES", "1")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+    # one task of one CPU each; --oversubscribe lifts the script's --exclusive, so both run at once
+    resources = "--nodes=1 --ntasks-per-node=1 --cpus-per-task=1 --gpus-per-node=0 --oversubscribe"
+    args = ["sweep", str(experiment), "--set", *sets]
+    assert cli.main([*args, "--executor", "slurm", "--parallel", "2", "--sbatch", resources]) == 0
+    job_id = submitted_job(capsys.readouterr().out)
+    states = wait_for_job(job_id)
+    root = tmp_path / "runs" / "slurm_sweep"
+    logs = "\n".join(p.read_text() for p in sorted(root.glob(f"slurm-{job_id}_*.out")))
+    assert states == ["COMPLETED", "COMPLETED"], logs
+    runs = sweep.expand(experiment, sets)
+    for r in runs:
+        summary = json.loads((r.path / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["step"] == 3, logs
+    assert cli.main([*args, "--executor", "slurm"]) == 0  # nothing left to submit
+    assert "2 run(s), 2 finished, 0 to run" in capsys.readouterr().out
+    assert cli.main(["report", str(root)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 3 and all(r.name in "\n".join(table) for r in runs), table
+    assert all("finished" in line for line in table[1:]), table
