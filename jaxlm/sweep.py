@@ -484,12 +484,16 @@ def sbatch_command(
     root = runs[0].path.parent.absolute()
     indices = ",".join(str(r.index) for r in runs)
     throttle = f"%{parallel}" if parallel > 1 else ""
+    try:
+        options = shlex.split(sbatch_args)
+    except ValueError as e:
+        raise ConfigError(f"--sbatch {sbatch_args!r}: {e}; quote it as one shell string") from None
     return [
         "sbatch",
         f"--job-name={root.name}",
         f"--array={indices}{throttle}",
         f"--output={root}/slurm-%A_%a.out",
-        *shlex.split(sbatch_args),  # after the sweep's own: the user's word is the last
+        *options,  # after the sweep's own: the user's word is the last
         str(SBATCH_SCRIPT),
         "--sweep",
         str(Path(experiment).absolute()),

@@ -59,9 +59,10 @@ SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
 MpiDefault=none
-# No cgroups: a container often has no writable cgroup tree. Processes are tracked by parent pid.
+# No cgroups: a container often has no writable cgroup tree. Processes are tracked by parent pid;
+# task/affinity takes srun's --cpu-bind (slurm.sbatch: none).
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
