@@ -19,6 +19,7 @@ import pytest
 
 from jaxlm import bench, cli, profile, report, sweep, train
 from jaxlm.config import apply_overrides, load_config
+from jaxlm.metrics import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,6 +123,19 @@ def test_wandb_run_of_a_sweep_logs_what_tensorboard_logs(tiny_data, tmp_path, mo
         # TensorBoard keeps a float32, W&B the float64 it was given: rounded, they are the same number
         wb = [(s, float(np.float32(v))) for s, v in logged[tag]]
         assert wb == curves[tag], tag
+
+    # Resumed (as train.run does from a checkpoint), the run logs on under the same W&B id; with
+    # W&B alone, no TensorBoard events are added.
+    events = sorted((run / "tb").iterdir())
+    log = RunLogger(run, 6, 4, ("wandb",), {"train": {"steps": 6}})
+    log.scalars(6, {"loss": 1.5}, prefix="train/")
+    log.close()
+    assert sorted((run / "tb").iterdir()) == events
+    (_, resumed) = sorted((tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb"))
+    records = read_wandb_records(resumed)
+    assert [r.run.run_id for r in records if r.WhichOneof("record_type") == "run"] == [meta.run_id]
+    rows = [r.history.item for r in records if r.WhichOneof("record_type") == "history"]
+    assert [{i.nested_key[0]: json.loads(i.value_json) for i in row}["train/loss"] for row in rows] == [1.5]
 
 
 def test_wandb_asked_for_but_not_installed_is_one_error_line(monkeypatch, capsys):
