@@ -60,7 +60,6 @@ def test_wandb_run_of_a_sweep_logs_what_tensorboard_logs(tiny_data, tmp_path, mo
     """A sweep's run with train.loggers=tensorboard,wandb, in W&B's offline mode: the W&B run is
     named after the run, grouped under its sweep, carries the run's config, and its history holds
     every scalar of the TensorBoard events at the same steps with the same values."""
-    pytest.importorskip("wandb", reason="wandb is in the test extra: pip install -e '.[test]'")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_PROJECT", "jaxlm-test")
@@ -167,8 +166,7 @@ def traced_steps(folder: Path) -> list[int]:
 
 
 def test_train_profile_traces_the_steps_asked_for(tiny_data, tmp_path, capsys):
-    """`--profile 5:7` traces steps 5 and 6 of 8 into <run>/profile/, each named train_step;
-    `--profile 2` the 2 steps after the run's first."""
+    """`--profile 5:7` traces steps 5 and 6 of 8 into <run>/profile/, each named train_step."""
     runs = tmp_path / "runs"
     args = ["train", "experiments/tiny.py", "--set", f"data.dir={tiny_data}", f"train.run_dir={runs}"]
     args += ["train.eval_every=0", "checkpoint.every=0", "mesh.data=8"]
@@ -189,7 +187,17 @@ def test_train_profile_traces_the_steps_asked_for(tiny_data, tmp_path, capsys):
 def test_profile_steps_refuses_what_is_not_a_window(text):
     with pytest.raises(cli.ConfigError, match="give a step count N >= 1"):
         profile.parse_steps(text)
+
+
+def test_profile_n_is_the_n_steps_after_the_first_this_run_trains(tmp_path):
     assert profile.parse_steps("3") == (None, 3) and profile.parse_steps("5:8") == (5, 8)
+    window = profile.run_window(tmp_path, profile.parse_steps("3"), 0, 10)  # a fresh run: steps 1..10
+    assert (window.first, window.stop) == (2, 5)
+    window = profile.run_window(tmp_path, profile.parse_steps("3"), 6, 10)  # resumed: steps 7..10
+    assert (window.first, window.stop) == (8, 11)
+    with pytest.raises(cli.ConfigError, match="steps 9..11 are not all among the steps this run trains"):
+        profile.run_window(tmp_path, profile.parse_steps("3"), 7, 10)
+    assert profile.run_window(tmp_path, None, 0, 10).log_dir is None  # no --profile: nothing traced
 
 
 def test_bench_profile_names_each_traced_step(tiny_cfg, tmp_path):
