@@ -58,15 +58,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="refuse to continue a run that has checkpoints",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="STEPS",
+        help="trace steps with jax.profiler into <run>/profile/ for TensorBoard's profile plugin: N, the N "
+        "steps after this run's first (which compiles), or A:B, steps A to B-1 (default: no trace)",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxlm import train
+    from jaxlm import profile, train
     from jaxlm.config import load_config
 
     cfg = load_config(args.experiment, args.set)
+    span = profile.parse_steps(args.profile) if args.profile is not None else None
     try:
-        train.run(cfg, resume=args.resume)
+        train.run(cfg, resume=args.resume, profile_steps=span)
     except FloatingPointError as e:  # the loss diverged: the message says what was kept and what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -229,6 +237,13 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="train only run i here (SLURM array tasks; default: all runs)",
+    )
+    p.add_argument(
+        "--sbatch",
+        default="",
+        metavar="OPTIONS",
+        help="with --executor slurm: sbatch options over launch/slurm.sbatch's #SBATCH lines, as one "
+        "string, e.g. --sbatch='--nodes=1 --time=2:00:00' (default: the script's)",
     )
 
 

@@ -202,6 +202,9 @@ class TrainConfig:
     (benchmarks/speedrun.py). 0 trains all ``steps``. The schedule still spans ``steps``."""
     run_dir: str = "runs"
     """Runs go to ``<run_dir>/<name>/``."""
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = ("tensorboard",)
+    """Where the scalars go: TensorBoard events in ``<run>/tb/``, and/or a Weights & Biases run
+    (``pip install 'jaxlm[wandb]'``; project from ``WANDB_PROJECT``, grouped by sweep). docs/tools.md"""
 
 
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")

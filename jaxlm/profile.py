@@ -1,9 +1,12 @@
-"""Profiling: a few steps under ``jax.profiler``, and the ops that took the time, read from the trace.
+"""Profiling: steps under ``jax.profiler``, and the ops that took the time, read from the trace.
 
+    jaxlm train EXPERIMENT.py --profile 3      # (or 5:8) into <run>/profile/
     jaxlm bench EXPERIMENT.py --profile DIR
 
-writes a trace that TensorBoard's profile plugin (``*.xplane.pb``) and ui.perfetto.dev
-(``perfetto_trace.json.gz``) open, and prints the 15 ops that took the most time.
+write a trace that TensorBoard's profile plugin (``*.xplane.pb``; ``pip install
+tensorboard-plugin-profile``, then ``tensorboard --logdir DIR``) opens, each step in it named
+``train_step``. bench also writes ``perfetto_trace.json.gz`` (ui.perfetto.dev) and prints the 15
+ops that took the most time.
 """
 
 from __future__ import annotations
@@ -11,26 +14,95 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from jaxlm.config import ConfigError
+
 PROFILE_STEPS = 3  # enough to see every op of the step; few, so the trace stays a small file
+STEP_NAME = "train_step"  # each step's name in the trace: the profile plugin's step markers
+
+
+def parse_steps(text: str) -> tuple[int | None, int]:
+    """``--profile`` as ``(first, stop)``: "N" is ``(None, N)``, N steps after a run's first (which
+    compiles); "A:B" is steps A to B - 1, as a Python range."""
+    first, colon, stop = text.partition(":")
+    try:
+        span = (int(first), int(stop)) if colon else (None, int(text))
+        ok = 1 <= span[0] < span[1] if colon else span[1] >= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"--profile {text!r}: give a step count N >= 1 (e.g. 3) or steps A:B with 1 <= A < B (e.g. 5:8)"
+        )
+    return span
+
+
+class TraceWindow:
+    """Steps ``first`` to ``stop - 1`` of a loop traced into ``log_dir`` (jax.profiler's
+    ``plugins/profile/<time>/``), each step under a ``StepTraceAnnotation`` named ``train_step``.
+    ``call`` runs a step; the trace stops after the last one has finished on the device, or at
+    ``close`` when the loop ends before it."""
+
+    def __init__(self, log_dir: Path | str | None, first: int = 0, stop: int = 0, perfetto: bool = False):
+        self.log_dir, self.first, self.stop, self.perfetto = log_dir, first, stop, perfetto
+        self.tracing = False
+
+    def call(self, step: int, fn: Callable, *args):
+        if self.log_dir is not None and step == self.first:
+            jax.profiler.start_trace(str(self.log_dir), create_perfetto_trace=self.perfetto)
+            self.tracing = True
+        with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=step):
+            out = fn(*args)
+        if self.tracing and step == self.stop - 1:
+            jax.block_until_ready(out)  # the last step's ops belong in the trace
+            self.close()
+        return out
+
+    def done(self, step: int) -> bool:
+        """Whether ``step`` was the last of the window: the trace is written."""
+        return self.log_dir is not None and step == self.stop - 1
+
+    def close(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
+
+    def folder(self) -> Path:
+        """The newest trace folder, ``log_dir/plugins/profile/<time>/`` (a new one each trace)."""
+        return max((Path(self.log_dir) / "plugins" / "profile").iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def run_window(log_dir: Path, span: tuple[int | None, int] | None, start_step: int, last_step: int):
+    """The ``TraceWindow`` of ``jaxlm train --profile`` for a run training steps ``start_step + 1``
+    to ``last_step``; only process 0 traces (processes on one host would write the same file)."""
+    if span is None or jax.process_index() != 0:
+        return TraceWindow(None)
+    first, stop = span
+    if first is None:  # N steps after the first, whose compilation would fill the trace
+        first, stop = start_step + 2, start_step + 2 + stop
+    if not start_step < first < stop <= last_step + 1:
+        raise ConfigError(
+            f"--profile: steps {first}..{stop - 1} are not all among the steps this run trains, "
+            f"{start_step + 1}..{last_step}; pick fewer or others"
+        )
+    return TraceWindow(log_dir, first, stop)
 
 
 def profile_steps(step, state, batch, log_dir: str):
-    """Run ``PROFILE_STEPS`` steps under ``jax.profiler.trace``; (state, metrics, the trace's summary).
+    """Run ``PROFILE_STEPS`` steps traced into ``log_dir``; (state, metrics, the trace's summary).
 
     The trace goes to ``log_dir/plugins/profile/<time>/`` (a new folder each time, nothing
     overwritten), readable by TensorBoard/XProf (``*.xplane.pb``) and by ui.perfetto.dev
     (``perfetto_trace.json.gz``), which ``trace_top_ops`` also reads."""
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        for _ in range(PROFILE_STEPS):
-            state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-    newest = max((Path(log_dir) / "plugins" / "profile").iterdir(), key=lambda p: p.stat().st_mtime)
-    trace = newest / "perfetto_trace.json.gz"  # written by JAX, or the trace call raised
+    window = TraceWindow(log_dir, 1, PROFILE_STEPS + 1, perfetto=True)
+    for i in range(1, PROFILE_STEPS + 1):
+        state, metrics = window.call(i, step, state, batch)
+    trace = window.folder() / "perfetto_trace.json.gz"  # written by JAX, or the trace call raised
     summary = {"trace": str(trace), "steps": PROFILE_STEPS} | trace_top_ops(trace, steps=PROFILE_STEPS)
     return state, metrics, summary
 

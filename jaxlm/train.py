@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm import checkpoint, distributed, lm, sharding
+from jaxlm import checkpoint, distributed, lm, profile, sharding
 from jaxlm.config import Config, ConfigError, to_dict
 from jaxlm.evaluate import make_eval_step, mean_loss
 from jaxlm.files import write_json
-from jaxlm.metrics import RunLogger, perplexity
+from jaxlm.metrics import RunLogger, check_loggers, perplexity
 from jaxlm.model import compute_dtype
 from jaxlm.optim import lr_schedule
 from jaxlm.state import TrainState, abstract_state, create_state, fresh_opt_state, make_tx, state_shardings
@@ -94,12 +94,16 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: boo
 # ============================================================================================
 
 
-def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
+def run(
+    cfg: Config, resume: bool | None = None, profile_steps: tuple[int | None, int] | None = None
+) -> dict[str, Any]:
     """Train ``cfg``; returns the summary written to ``<run>/summary.json``.
 
     ``resume=None`` continues from the latest checkpoint when the run directory has one; ``True``
     requires one; ``False`` refuses to overwrite a run that already has checkpoints.
+    ``profile_steps`` (``profile.parse_steps`` of ``--profile``) traces those steps into ``<run>/profile/``.
     """
+    check_loggers(cfg.train.loggers)
     # ---- processes and mesh -------------------------------------------------------------------
     distributed.initialize(cfg.mesh)
     if cfg.model.compute_dtype == "auto":
@@ -114,10 +118,12 @@ def run(cfg: Config, resume: bool | None = None) -> dict[str, Any]:
     # The mesh is scoped: a later run or sampling in this process sees no stale mesh. With several
     # processes, when one is lost the others exit within seconds, naming it and the last checkpoint.
     with jax.set_mesh(mesh), distributed.watch_peers(cfg.run_path / "checkpoints"):
-        return _run_on_mesh(cfg, mesh, resume)
+        return _run_on_mesh(cfg, mesh, resume, profile_steps)
 
 
-def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> dict[str, Any]:
+def _run_on_mesh(
+    cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None, profile_steps: tuple[int | None, int] | None
+) -> dict[str, Any]:
     # Imported here, not at the top: the data pipeline needs grain, and what imports this module
     # for its state and step alone (jaxlm bench, on synthetic tokens) must run where grain is absent.
     from jaxlm.data import mixture, pipeline
@@ -167,6 +173,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     else:
         state = create_state(cfg, state_sh)
         start_step = 0
+    trace = profile.run_window(run_path / "profile", profile_steps, start_step, t.steps)
     if pid == 0:
         write_json(run_path / "config.json", config_dict)
 
@@ -197,7 +204,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
             **{f"{n}/loss": v for n, v in losses.items()},
         }
 
-    log = RunLogger(run_path, t.steps, start_step)
+    log = RunLogger(run_path, t.steps, start_step, t.loggers, config_dict)
     n_params = lm.get(cfg.model).count
     log.line(
         f"jaxlm: {cfg.name} | {n_params / 1e6:.2f}M params, {cfg.model.compute_dtype} compute | "
@@ -262,7 +269,9 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
     try:
         for step in range(start_step + 1, t.steps + 1):
             batch = to_global(next(batches))
-            state, metrics = train_step(state, batch, stop.flags(mesh))
+            state, metrics = trace.call(step, train_step, state, batch, stop.flags(mesh))
+            if trace.done(step):
+                log.line(f"profile: steps {trace.first}..{step} traced into {trace.folder()}")
             if pending is not None:
                 drain(pending)
             pending = (step, metrics)
@@ -307,6 +316,7 @@ def _run_on_mesh(cfg: Config, mesh: jax.sharding.Mesh, resume: bool | None) -> d
                 f"stopped by {stopped[1]} at step {stopped[0]}; checkpoint {where}; run again to continue"
             )
     finally:
+        trace.close()
         stop.restore()
         batches.close()
         ckpt.close()

@@ -226,12 +226,15 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tiny_data, tmp_path, caps
 
 
 def test_slurm_executor_submits_one_array_task_per_unfinished_run(tiny_data, tmp_path, monkeypatch, capsys):
+    """The array is launch/slurm.sbatch itself (its resources and environment set-up), in --sweep
+    mode, with sbatch options of --sbatch over its #SBATCH lines. (tests/test_tools.py runs it on a
+    real one-node cluster.)"""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "sbatch"
     fake.write_text(
-        f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncp "$1" {tmp_path}/submitted\n'
-        'echo "Submitted batch job 42"\n'
+        f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path}/args\n'
+        f'echo "$JAXLM_PYTHON" > {tmp_path}/py\necho "Submitted batch job 42"\n'
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin")
@@ -239,22 +242,24 @@ def test_slurm_executor_submits_one_array_task_per_unfinished_run(tiny_data, tmp
     runs = sweep.expand(SWEEP_TINY, sets)
     runs[2].path.mkdir(parents=True)
     (runs[2].path / "summary.json").write_text('{"status": "finished"}')
-    assert cli.main(["sweep", str(SWEEP_TINY), "--set", *sets, "--executor", "slurm", "--parallel", "2"]) == 0
+    args = ["sweep", str(SWEEP_TINY), "--set", *sets, "--executor", "slurm", "--parallel", "2"]
+    assert cli.main([*args, "--sbatch", "--nodes=1 --time=0:10:00"]) == 0
     assert "Submitted batch job 42" in capsys.readouterr().out
-    script_path = (tmp_path / "args").read_text().split()[-1]
-    assert script_path == str(runs[0].path.parent / "sweep.sbatch")
-    script = (tmp_path / "submitted").read_text()
-    assert "#SBATCH --array=0,1,3%2" in script
-    assert "jaxlm.cli sweep" in script and script.rstrip().endswith("--run-index $SLURM_ARRAY_TASK_ID")
-    assert f"data.dir={tiny_data}" in script and "train.steps=6" in script
-    # The template's resources are kept; its name, array and output are the sweep's own.
-    template = tmp_path / "slurm.sbatch"
-    template.write_text(
-        "#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --job-name=train\n#SBATCH --gpus-per-node=8\nsrun x\n"
-    )
-    script = sweep.slurm_script(runs, SWEEP_TINY, sets, 1, template)
-    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
-    assert "--job-name=train" not in script and "#SBATCH --array=0,1,2,3\n" in script
+    root = runs[0].path.parent
+    assert (tmp_path / "args").read_text().splitlines() == [
+        "--job-name=sweep_tiny",
+        "--array=0,1,3%2",
+        f"--output={root}/slurm-%A_%a.out",
+        "--nodes=1",
+        "--time=0:10:00",
+        str(ROOT / "launch" / "slurm.sbatch"),
+        "--sweep",
+        str(SWEEP_TINY),
+        *sets,
+    ]
+    assert (tmp_path / "py").read_text().strip() == sys.executable  # the job runs this interpreter
+    assert cli.main(["sweep", str(SWEEP_TINY), "--set", *sets, "--sbatch", "--nodes=1 --x=1"]) == 2
+    assert "is for --executor slurm" in capsys.readouterr().err
     # An array task of a finished run does nothing.
     assert cli.main(["sweep", str(SWEEP_TINY), "--set", *sets, "--run-index", "2"]) == 0
     assert "already finished" in capsys.readouterr().out
