@@ -251,7 +251,8 @@ def _lm_eval_args(p: argparse.ArgumentParser) -> None:
         "--include-path",
         action="append",
         metavar="DIR",
-        help="directory of lm-eval task YAML files (repeatable; default: the harness's own tasks only)",
+        help="directory of lm-eval task YAML files (repeatable); given, only these tasks are known "
+        "(default: the harness's own tasks, whose datasets must be in the local Hugging Face cache)",
     )
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
     p.add_argument("--limit", type=float, help="examples per task, or a fraction of them (default: all)")

@@ -130,7 +130,9 @@ def main(args: argparse.Namespace) -> int:
     for d in args.include_path or []:
         if not Path(d).is_dir():
             raise ConfigError(f"--include-path {d!r} is not a directory of lm-eval task YAML files")
-    manager = TaskManager(include_path=args.include_path or None)
+    # The harness's own task index (thousands of YAML files, a minute to read) only without
+    # --include-path: its tasks need hub datasets, which an offline run finds only when cached.
+    manager = TaskManager(include_path=args.include_path or None, include_defaults=not args.include_path)
     names = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:

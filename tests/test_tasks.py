@@ -3,6 +3,7 @@ files, the trainer's logging, ``jaxlm eval --task``, the shipped task and the lm
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -190,6 +191,10 @@ def test_lm_eval_adapter_matches_jaxlms_own_scoring(run, tmp_path, monkeypatch, 
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(var, "1")
+    # read at import: a module another test imported first must be told as well
+    for module in ("huggingface_hub.constants", "datasets.config"):
+        if module in sys.modules:
+            monkeypatch.setattr(sys.modules[module], "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the datasets cache: not the user's
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
     for name, (output_type, rest) in _KINDS.items():
