@@ -43,17 +43,23 @@ def examples() -> list[dict]:
     works = [
         f for i, f in enumerate(shakespeare_files()) if is_val_document(i, data.split_seed, data.val_fraction)
     ]
-    candidates = []  # (work's name, its lines, index of the line to predict)
+    candidates = []  # (work's name, its lines, its distinct speech lines, index of the line to predict)
     for work in works:
         lines = work.read_text(encoding="utf-8-sig").splitlines()
+        pool = sorted({x for x in lines if speech_line(x)})
         for i in range(CONTEXT_LINES, len(lines)):
             if all(speech_line(x) for x in lines[i - CONTEXT_LINES : i + 1]):
-                candidates.append((work.name, lines, i))
-    picked = sorted(sorted(candidates, key=lambda c: draw(c[0], c[2]))[:EXAMPLES], key=lambda c: (c[0], c[2]))
+                candidates.append((work.name, lines, pool, i))
+    picked = sorted(sorted(candidates, key=lambda c: draw(c[0], c[3]))[:EXAMPLES], key=lambda c: (c[0], c[3]))
     out = []
-    for name, lines, i in picked:
-        pool = {x for x in lines if speech_line(x)} - {lines[i]}
-        others = sorted(pool, key=lambda x: draw(name, i, x))[: CHOICES - 1]
+    for name, lines, pool, i in picked:
+        others: list[str] = []
+        for k in range(len(pool)):  # the distractors: pool lines at hashed indices, distinct, not the answer
+            x = pool[draw(name, i, k) % len(pool)]
+            if x != lines[i] and x not in others:
+                others.append(x)
+            if len(others) == CHOICES - 1:
+                break
         label = draw(name, i) % CHOICES
         choices = others[:label] + [lines[i]] + others[label:]
         context = "".join(x + "\n" for x in lines[i - CONTEXT_LINES : i])
