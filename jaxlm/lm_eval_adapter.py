@@ -24,7 +24,7 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from jaxlm import lm, sampling, sharding, tasks
+from jaxlm import lm, sampling, tasks
 from jaxlm.checkpoint import load_params
 from jaxlm.config import ConfigError
 from jaxlm.data.tokenizer import get_tokenizer
@@ -93,14 +93,12 @@ class JaxLM(LM):
                 [requests[i].args[0] for i in idx], int(kw.get("max_gen_toks", self.max_gen_toks))
             )
             for start in range(0, len(idx), self.rows):
-                chunk = prompts[start : start + self.rows]
-                pad = -len(chunk) % sharding.batch_shards(self.mesh)  # rows split evenly over the mesh
                 with jax.set_mesh(self.mesh):
                     ids = sampling.generate(
-                        self.params, self.cfg.model, chunk + chunk[:1] * pad, new, temperature,
+                        self.params, self.cfg.model, prompts[start : start + self.rows], new, temperature,
                         eot_id=self.tok.eot_id, seed=int(kw.get("seed", 0)),
                     )  # fmt: skip
-                for i, row in zip(idx[start : start + self.rows], ids, strict=False):
+                for i, row in zip(idx[start : start + self.rows], ids, strict=True):
                     text = self.tok.decode(row)
                     cuts = [text.index(s) for s in until if s and s in text]
                     out[i] = text[: min(cuts)] if cuts else text
