@@ -209,11 +209,21 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", choices=["val", "train"], help="which split to evaluate")
     p.add_argument("--batches", type=int, help="batches to evaluate (default: train.eval_batches; 0: all)")
     p.add_argument("--batch-size", type=int, help="global batch (default: the run's)")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="instead of the loss: accuracy on this JSONL task of context, choices, label "
+        "(repeatable; docs/evals.md), e.g. tasks/shakespeare_next_line.jsonl",
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
     from jaxlm.evaluate import evaluate_checkpoint
 
+    if args.task:
+        return _eval_tasks(args)
     try:
         r = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batches, args.batch_size)
     except FileNotFoundError as e:
@@ -224,6 +234,62 @@ def _eval(args: argparse.Namespace) -> int:
         f"{r['batch_size']} | loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f}"
     )
     return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    from jaxlm import tasks
+
+    try:
+        step, results = tasks.evaluate_checkpoint(args.checkpoint, args.task, args.batch_size)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, r in results.items():
+        print(
+            f"step {step} | task {name} | {r['examples']} examples | acc {r['acc']:.4f} | "
+            f"acc_norm {r['acc_norm']:.4f}"
+        )
+    return 0
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run dir (latest step) or one step dir")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument(
+        "--include-path",
+        action="append",
+        metavar="DIR",
+        help="directory of lm-eval task YAML files (repeatable); given, only these tasks are known "
+        "(default: the harness's own tasks, whose datasets must be in the local Hugging Face cache)",
+    )
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    p.add_argument("--limit", type=float, help="examples per task, or a fraction of them (default: all)")
+    p.add_argument("--batch-size", type=int, help="rows per scoring batch (default: the run's)")
+    p.add_argument(
+        "--output", metavar="PATH", help="write the results and samples as JSON here (default: not)"
+    )
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    import os
+
+    # Before the harness imports datasets, which reads these once: nothing comes from a hub
+    # unless the user's environment asks for it.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from jaxlm import lm_eval_adapter
+    except ImportError as e:
+        print(
+            f"error: jaxlm lm-eval needs lm-evaluation-harness ({e}); pip install -e '.[eval]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return lm_eval_adapter.main(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
@@ -363,10 +429,19 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], C
     ),
     "sample": ("sample text from a checkpoint", "Sample text from a checkpoint.", _sample_args, _sample),
     "eval": (
-        "loss and perplexity of a checkpoint",
-        "Loss and perplexity of a checkpoint on one split of prepared data.",
+        "loss and perplexity of a checkpoint, or its accuracy on tasks",
+        "Loss and perplexity of a checkpoint on one split of prepared data, or with --task its accuracy "
+        "on multiple-choice and cloze tasks (docs/evals.md).",
         _eval_args,
         _eval,
+    ),
+    "lm-eval": (
+        "run lm-evaluation-harness tasks on a checkpoint",
+        "Run lm-evaluation-harness tasks on a checkpoint (pip install -e '.[eval]'): loglikelihood, "
+        "loglikelihood_rolling and generate_until requests, offline, with task YAML files from "
+        "--include-path (docs/evals.md).",
+        _lm_eval_args,
+        _lm_eval,
     ),
     "sweep": (
         "expand and run the sweep of an experiment file",

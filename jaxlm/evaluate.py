@@ -42,6 +42,16 @@ def mean_loss(eval_step, params, batches, to_global) -> float:
     return total / max(count, 1.0)
 
 
+def check_batch_size(rows: int, mesh: jax.sharding.Mesh) -> None:
+    """Refuses an eval batch of ``rows`` the mesh cannot split evenly, naming the nearest that it can."""
+    shards = sharding.batch_shards(mesh)
+    if rows < 1 or rows % shards:
+        raise ConfigError(
+            f"--batch-size={rows} must be a positive multiple of the {shards} devices; "
+            f"pass --batch-size {shards * max(1, rows // shards)}"
+        )
+
+
 def evaluate_checkpoint(
     path: str | Path,
     data_dir: str | Path | None = None,
@@ -73,12 +83,7 @@ def evaluate_checkpoint(
     n_batches = cfg.train.eval_batches if batches is None else batches
     if n_batches < 0:
         raise ConfigError(f"--batches={n_batches} must be >= 0 (0 evaluates the whole split)")
-    shards = sharding.batch_shards(mesh)
-    if global_batch < 1 or global_batch % shards:
-        raise ConfigError(
-            f"--batch-size={global_batch} must be a positive multiple of the {shards} devices; "
-            f"pass --batch-size {shards * max(1, global_batch // shards)}"
-        )
+    check_batch_size(global_batch, mesh)
 
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     batch_sh = sharding.batch_sharding(mesh)

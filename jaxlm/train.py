@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm import checkpoint, distributed, lm, profile, sharding
+from jaxlm import checkpoint, distributed, lm, profile, sharding, tasks
 from jaxlm.config import Config, ConfigError, to_dict
 from jaxlm.evaluate import make_eval_step, mean_loss
 from jaxlm.files import write_json
@@ -153,6 +153,10 @@ def _run_on_mesh(
 
     # ---- data ---------------------------------------------------------------------------------
     index = pipeline.ensure_prepared(cfg.data, cfg.model)
+    # Read and tokenized before anything is written, so a bad task file fails at once.
+    task_evals = tasks.TaskEvals(
+        tasks.read_tasks(t.eval_tasks), cfg.data.tokenizer, cfg.model, t.batch_size // t.micro_batches
+    )
 
     # ---- run directory, state, restore --------------------------------------------------------
     run_path.mkdir(parents=True, exist_ok=True)
@@ -297,6 +301,11 @@ def _run_on_mesh(
                         reached = step
                         stopping = True
                         log.line(f"val loss {val:.4f} <= train.target_val_loss={t.target_val_loss}: stopping")
+                for name, r in task_evals(state.params).items():
+                    log.scalars(step, {"acc": r["acc"], "acc_norm": r["acc_norm"]}, prefix=f"tasks/{name}/")
+                    log.line(
+                        f"step {step:6d} | task {name} | acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f}"
+                    )
             if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
                 if pending is not None:  # a diverged state must never be saved (nor rotate out a good one)
                     drain(pending)
