@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tolerances import assert_close, assert_trees_close, grad_terms, loss_terms
 
-from jaxlm import lm, model, moe, optim, sharding, train
+from jaxlm import bench, lm, model, moe, optim, sharding, train
 from jaxlm.config import Config, ConfigError, MeshConfig, TrainConfig, preset, validate
 
 SWIGLU = lambda up, gate: model.ffn_activation("swiglu", up, gate)
@@ -259,3 +259,14 @@ def test_an_expert_axis_that_does_not_divide_the_experts_is_refused_by_the_rules
     with pytest.raises(ConfigError, match="mesh.expert=8 does not divide model.moe_experts=4"):
         small = dataclasses.replace(cfg, moe_experts=4)
         sharding.check_divisible(small, model.param_decls(small), mesh)
+
+
+def test_bench_counts_active_parameters_and_says_so():
+    cfg = moe_model()
+    per_expert = 3 * cfg.d_model * cfg.d_ff
+    every_expert = lm.get(dataclasses.replace(cfg, moe_top_k=cfg.moe_experts)).flop_params
+    want = every_expert - cfg.n_layers * (cfg.moe_experts - cfg.moe_top_k) * per_expert
+    assert bench.flops_per_token(cfg)["dense"] == 6 * want
+    note = bench.active_note(cfg)
+    assert "active parameters (top-2 of 8 experts in 2 sparse layers" in note
+    assert f"{lm.get(cfg).count:,} in all" in note and bench.active_note(preset("tiny")) == ""
