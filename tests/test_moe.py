@@ -270,3 +270,11 @@ def test_bench_counts_active_parameters_and_says_so():
     note = bench.active_note(cfg)
     assert "active parameters (top-2 of 8 experts in 2 sparse layers" in note
     assert f"{lm.get(cfg).count:,} in all" in note and bench.active_note(preset("tiny")) == ""
+
+
+def test_the_experts_axis_colliding_with_the_batch_on_the_expert_mesh_axis_is_an_error():
+    assert sharding.logical_to_spec(("layers", "experts", "embed", "mlp")) == jax.sharding.PartitionSpec(
+        None, "expert", "fsdp", "tensor"
+    )
+    with pytest.raises(ConfigError, match="'batch' and 'experts' of one array .* mesh axis 'expert'"):
+        sharding.logical_to_spec(("batch", "experts"))
