@@ -6,6 +6,7 @@ mesh axis) gives the one-device loss and gradients on two meshes of the 8 fake d
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,9 @@ from jaxlm import bench, lm, model, moe, optim, sharding, train
 from jaxlm.config import Config, ConfigError, MeshConfig, TrainConfig, preset, validate
 
 SWIGLU = lambda up, gate: model.ffn_activation("swiglu", up, gate)
+# Jitted: run op by op, every small op would compile on its own.
+dispatch = jax.jit(moe.dispatch, static_argnums=(4, 5))
+dense_dispatch = jax.jit(moe.dense_dispatch, static_argnums=(4, 5))
 
 
 def moe_model(**overrides):
@@ -71,8 +75,8 @@ def test_dropless_dispatch_equals_a_per_token_loop_and_the_dense_reference():
     x_NxD = jax.random.normal(jax.random.key(1), (N, D))
     _, _, expert, weight = moe.route(x_NxD, jax.random.normal(jax.random.key(2), (D, E)), K)
     want = per_token_loop(x_NxD, expert, weight, p)
-    y, dropped = moe.dispatch(x_NxD[None], expert[None], weight[None], p, SWIGLU, 0.0)
-    y_dense, dropped_dense = moe.dense_dispatch(x_NxD, expert, weight, p, SWIGLU)
+    y, dropped = dispatch(x_NxD[None], expert[None], weight[None], p, SWIGLU, 0.0)
+    y_dense, dropped_dense = dense_dispatch(x_NxD, expert, weight, p, SWIGLU, 0.0)
     assert int(dropped) == int(dropped_dense) == 0
     # Two matmul chains (over D, then F) and the sum over the K experts, in float32.
     assert_close(y[0], want, D + F + K)
@@ -94,8 +98,8 @@ def test_capacity_drops_the_copies_beyond_each_experts_slots_and_counts_them():
     kept = np.ones((N, K), bool)
     kept[cap:, 0] = False
     want = per_token_loop(x_NxD, expert, weight, p, kept)
-    y, dropped = moe.dispatch(x_NxD[None], expert[None], weight[None], p, SWIGLU, factor)
-    y_dense, dropped_dense = moe.dense_dispatch(x_NxD, expert, weight, p, SWIGLU, factor)
+    y, dropped = dispatch(x_NxD[None], expert[None], weight[None], p, SWIGLU, factor)
+    y_dense, dropped_dense = dense_dispatch(x_NxD, expert, weight, p, SWIGLU, factor)
     assert int(dropped) == int(dropped_dense) == N - cap == 6
     assert_close(y[0], want, D + F + K)
     assert_close(y_dense, want, D + F + E)
@@ -179,16 +183,21 @@ def loss_and_grads(cfg, params, data, mesh=None):
         return loss, jax.device_get(grads), compiled.as_text()
 
 
+@functools.cache
+def one_device_reference():
+    cfg = moe_model(moe_shared_expert=True)
+    params = model.init_params(cfg, jax.random.key(0))
+    data = batch(cfg, 16)
+    return cfg, params, data, *loss_and_grads(cfg, params, data)[:2]
+
+
 @pytest.mark.parametrize(
     "mesh_cfg",
     [MeshConfig(data=1, expert=8), MeshConfig(data=1, fsdp=2, expert=2, tensor=2)],
     ids=["expert8", "fsdp2-expert2-tensor2"],
 )
 def test_expert_parallel_loss_and_grads_equal_one_device(mesh_cfg):
-    cfg = moe_model(moe_shared_expert=True)
-    params = model.init_params(cfg, jax.random.key(0))
-    data = batch(cfg, 16)
-    ref_loss, ref_grads, _ = loss_and_grads(cfg, params, data)
+    cfg, params, data, ref_loss, ref_grads = one_device_reference()
     mesh = sharding.make_mesh(mesh_cfg)
     loss, grads, hlo = loss_and_grads(cfg, params, data, mesh)
     assert "all-to-all" in hlo  # tokens reach their experts by all_to_all, not by gathering weights
