@@ -13,6 +13,8 @@ Model FLOPs per token (fwd + bwd, the convention of Kaplan et al. and PaLM, no c
 N counts every parameter a token's forward pass multiplies by: ``model.count_params(cfg,
 embedding=False)`` (all blocks, norms and biases included, the untied output projection included)
 plus ``vocab_size * d_model`` for a tied output projection, which the embedding count left out.
+With experts (``model.moe_experts``) N is the active parameters: a token multiplies by its top-k
+experts of a sparse layer, not by all of them (``model.inactive_expert_params``); the report says so.
 Vocabulary padding is not counted (it is wasted work, not model work). The second term is the
 attention scores and weighted sum (2 * 2 * T * Q per head and layer forward, x3 with backward),
 counted over the full T x T square as PaLM does, though a causal mask makes half of it moot.
@@ -64,6 +66,16 @@ def peak_tflops(device_kind: str) -> float | None:
     return None
 
 
+def active_note(cfg: ModelConfig) -> str:
+    """What N counts for a mixture of experts: the active parameters, of how many."""
+    if not cfg.moe_experts:
+        return ""
+    return (
+        f" active parameters (top-{cfg.moe_top_k} of {cfg.moe_experts} experts in {cfg.moe_layers} "
+        f"sparse layers; {lm.get(cfg).count:,} in all)"
+    )
+
+
 def flops_per_token(cfg: ModelConfig) -> dict[str, int]:
     """Model FLOPs of forward + backward per token: {"dense": 6N, "attention": 12LHQT, "total"}.
 
@@ -109,14 +121,18 @@ def model_matmuls(cfg: ModelConfig, rows: int, tensor: int = 1) -> list[tuple[st
     F, V = cfg.d_ff // tensor, -(-cfg.padded_vocab // tensor)
     M = rows * T
     chunk = cfg.logits_chunk if 0 < cfg.logits_chunk < M else M
-    return [
+    # A sparse layer's tokens each pass through top-k experts (and the shared one): as many MLPs.
+    Lm = cfg.moe_layers
+    mlps = L - Lm + Lm * (cfg.moe_top_k + cfg.moe_shared_expert)
+    router = [("router", 1, M, D, cfg.moe_experts, Lm)] if Lm else []
+    return router + [
         ("q", 1, M, D, H * K, L),
         ("k, v", 1, M, D, G * K, 2 * L),
         ("attention scores", rows * H, T, K, T, L),
         ("attention sum", rows * H, T, T, K, L),
         ("o", 1, M, H * K, D, L),
-        ("mlp in", 1, M, D, F, (2 if cfg.mlp == "swiglu" else 1) * L),
-        ("mlp out", 1, M, F, D, L),
+        ("mlp in", 1, M, D, F, (2 if cfg.mlp == "swiglu" else 1) * mlps),
+        ("mlp out", 1, M, F, D, mlps),
         ("logits", 1, chunk, D, V, -(-M // chunk)),
     ]
 
@@ -266,6 +282,7 @@ def _timed_run(
         "tokens_per_s_per_device": tok_s_dev,
         "flops_per_token": fpt,
         "flop_params": lm.get(cfg.model).flop_params,
+        "active": active_note(cfg.model),
         "model": lm.get(cfg.model).name,
         "model_tflops_per_device": tflops_dev,
         "peak_tflops": peak,
@@ -407,7 +424,7 @@ def report(r: dict[str, Any]) -> str:
             f"  tokens/s/device  {r['tokens_per_s_per_device']:,.0f}",
             f"  model FLOPs/tok  {r['flops_per_token']['total']:,} (6N = {r['flops_per_token']['dense']:,}, "
             f"attention {r['flops_per_token']['attention']:,} = 12 x model.n_layers x n_heads x head_dim x "
-            f"seq_len; N = {r['flop_params']:,}, {r['model']})",
+            f"seq_len; N = {r['flop_params']:,}{r['active']}, {r['model']})",
             f"  TFLOP/s/device   {r['model_tflops_per_device']:.3f}",
             f"  MFU              {mfu} TFLOP/s",
             f"  matmul peak      {r['matmul']['tflops']:.3f} TFLOP/s measured ({r['matmul']['n']}^3 "

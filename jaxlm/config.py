@@ -99,6 +99,35 @@ class ModelConfig:
     bfloat16. Logged as train/z_loss (the term added); train/loss and val loss stay the cross-entropy.
     Training only: the weights, sampling and export do not depend on it. 0 leaves the loss and
     its gradients exactly as without it."""
+    moe_experts: int = 0
+    """Mixture of experts: the number of experts E of each sparse layer's MLP (each an MLP of
+    ``d_ff`` and ``mlp``'s kind, no biases); 0 (default) is the dense model. See docs/scaling.md#experts."""
+    moe_top_k: int = 2
+    """Experts per token. Its weights are the router's softmax renormalised over the k chosen
+    (Mixtral); with k=1 the chosen expert's probability itself (Switch), so the router still learns."""
+    moe_shared_expert: bool = False
+    """One more MLP of width d_ff in every sparse layer that every token goes through (DeepSeekMoE)."""
+    moe_every: int = 1
+    """Every k-th layer is sparse (layers k-1, 2k-1, ..., counting from 0), the rest dense; must
+    divide n_layers. 1: every layer."""
+    moe_capacity_factor: float = 0.0
+    """0: dropless (every token reaches all its k experts). c > 0: each expert takes at most
+    ceil(c * N * k / E) of the N tokens of a routing group (one device's tokens under a mesh, the
+    whole batch without one), first choices before second ones, in token order; the rest are
+    dropped (the layer passes them through the residual only), counted as train/moe/dropped_fraction."""
+    moe_aux_loss: float = 0.01
+    """Coefficient of the load-balancing loss E * sum_e f_e * P_e (Switch Transformer; f_e the
+    fraction of top-k choices that name expert e, P_e its mean router probability), averaged over
+    the sparse layers and added to the training loss; logged as train/moe/aux_loss (before the
+    coefficient)."""
+    moe_router_z_loss: float = 0.001
+    """Coefficient of the router z-loss, the mean log²(sum_e exp(router logit e)) (ST-MoE), averaged
+    over the sparse layers; logged as train/moe/router_z_loss (before the coefficient)."""
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers are sparse (0 for a dense model)."""
+        return self.n_layers // self.moe_every if self.moe_experts else 0
 
     @property
     def kv_heads(self) -> int:
@@ -618,6 +647,7 @@ def validate(cfg: Config) -> Config:
         "model.z_loss",
         f"must be a finite number >= 0 (0 disables it; PaLM used 1e-4), got {m.z_loss}",
     )
+    _validate_moe(m, mesh)
     _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _need(
         0.0 <= d.max_undecodable <= 1.0, "data.max_undecodable", f"must be in [0, 1], got {d.max_undecodable}"
@@ -677,6 +707,55 @@ def validate(cfg: Config) -> Config:
     _need(c.keep > 0, "checkpoint.keep", "must keep at least one checkpoint")
     _need(c.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
     return cfg
+
+
+def _validate_moe(m: ModelConfig, mesh: MeshConfig) -> None:
+    _need(
+        m.moe_experts >= 0, "model.moe_experts", f"must be >= 0 (0 is the dense model), got {m.moe_experts}"
+    )
+    if not m.moe_experts:
+        return
+    _need(
+        m.moe_experts >= 2,
+        "model.moe_experts",
+        f"{m.moe_experts} expert is a dense MLP with a router; use 0 (dense) or at least 2",
+    )
+    _need(
+        1 <= m.moe_top_k <= m.moe_experts,
+        "model.moe_top_k",
+        f"must be in [1, moe_experts={m.moe_experts}], got {m.moe_top_k}",
+    )
+    _need(
+        m.moe_every >= 1 and m.n_layers % m.moe_every == 0,
+        "model.moe_every",
+        f"moe_every={m.moe_every} must be a positive divisor of n_layers={m.n_layers} (every k-th layer "
+        f"sparse); valid: {_divisors(m.n_layers)}",
+    )
+    _need(
+        0 <= m.moe_capacity_factor < float("inf"),
+        "model.moe_capacity_factor",
+        f"must be 0 (dropless) or a finite factor > 0 (1.25 is common), got {m.moe_capacity_factor}",
+    )
+    for key in ("moe_aux_loss", "moe_router_z_loss"):
+        v = getattr(m, key)
+        _need(0 <= v < float("inf"), f"model.{key}", f"must be a finite number >= 0 (0 disables it), got {v}")
+    _need(
+        not m.module,
+        "model.moe_experts",
+        f"mixture of experts is a layer of jaxlm's own transformer; model.module={m.module!r} declares "
+        "its own weights: set moe_experts=0 (or build the experts inside the module)",
+    )
+    _need(
+        not m.use_bias,
+        "model.use_bias",
+        "the experts of model.moe_experts > 0 have no biases; set model.use_bias=false",
+    )
+    _need(
+        mesh.expert == -1 or m.moe_experts % mesh.expert == 0,
+        "mesh.expert",
+        f"mesh.expert={mesh.expert} must divide model.moe_experts={m.moe_experts} (each device holds "
+        f"moe_experts / mesh.expert experts); valid: {_divisors(m.moe_experts)}",
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ class LM:
     count: int
     """Parameters as published (vocabulary padding rows left out)."""
     flop_params: int
-    """N of the 6N FLOP rule: every parameter a token's forward multiplies by (see jaxlm/bench.py)."""
+    """N of the 6N FLOP rule: every parameter a token's forward multiplies by (see jaxlm/bench.py);
+    with experts, the active parameters (a token's top-k experts, not all of them)."""
 
     def logical_axes(self) -> Params:
         return jax.tree.map(lambda w: w.axes, self.decls, is_leaf=model.is_weight)
@@ -88,9 +89,11 @@ def _builtin(cfg: ModelConfig) -> LM:
         ),
         kv_cache=True,
         count=model.count_params(cfg),
-        # A tied embedding is also the output projection, which every token multiplies by.
+        # A tied embedding is also the output projection, which every token multiplies by; of a
+        # sparse layer's experts a token multiplies by its top-k only (active parameters).
         flop_params=model.count_params(cfg, embedding=False)
-        + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0),
+        + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+        - model.inactive_expert_params(cfg),
     )
 
 

@@ -7,11 +7,14 @@ Transformer blocks are stacked on a leading ``layers`` axis and run with ``lax.s
 time does not grow with depth.
 
 Shape legend: B batch, T query positions, S key positions, D model, H query heads,
-G key/value heads, R = H // G query heads per kv head, K head dim, F ffn hidden, V vocab, L layers.
+G key/value heads, R = H // G query heads per kv head, K head dim, F ffn hidden, V vocab, L layers,
+E experts (mixture of experts: every ``moe_every``-th layer's MLP is ``moe_experts`` MLPs and a
+router, jaxlm/moe.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import cpu_dtype
+from jaxlm import cpu_dtype, moe
 from jaxlm.attention import attend
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
@@ -89,12 +92,13 @@ def param_decls(cfg: ModelConfig) -> Params:
         "v": hidden_matrix((L, D, G, K), ("layers", "embed", "kv_heads", "head_dim"), std),
         "o": hidden_matrix((L, H, K, D), ("layers", "heads", "head_dim", "embed"), out_std),
     }
+    Ld = L - cfg.moe_layers  # the layers with a dense MLP: all of them in a dense model
     mlp = {
-        "up": hidden_matrix((L, D, F), ("layers", "embed", "mlp"), std),
-        "down": hidden_matrix((L, F, D), ("layers", "mlp", "embed"), out_std),
+        "up": hidden_matrix((Ld, D, F), ("layers", "embed", "mlp"), std),
+        "down": hidden_matrix((Ld, F, D), ("layers", "mlp", "embed"), out_std),
     }
     if cfg.mlp == "swiglu":
-        mlp["gate"] = hidden_matrix((L, D, F), ("layers", "embed", "mlp"), std)
+        mlp["gate"] = hidden_matrix((Ld, D, F), ("layers", "embed", "mlp"), std)
     if cfg.qk_norm:  # one RMSNorm scale per head dimension, shared by the heads of a layer
         attn |= {
             "q_norm": Weight((L, K), ("layers", "head_dim"), False, "ones"),
@@ -119,10 +123,25 @@ def param_decls(cfg: ModelConfig) -> Params:
             "attn_norm": _norm_decl(cfg, stacked=True),
             "attn": attn,
             "mlp_norm": _norm_decl(cfg, stacked=True),
-            "mlp": mlp,
         },
         "final_norm": _norm_decl(cfg, stacked=False),
     }
+    if Ld:
+        decls["blocks"]["mlp"] = mlp
+    if cfg.moe_experts:
+        # The sparse layers' own stack [L / moe_every, ...]; the experts axis of a weight is a batch
+        # of matrices (Muon orthogonalises each expert's own), split over the expert mesh axis.
+        Lm, E = cfg.moe_layers, cfg.moe_experts
+        experts = {
+            "router": Weight((Lm, D, E), ("layers", "embed", "experts"), True, std=std),
+            "up": hidden_matrix((Lm, E, D, F), ("layers", "experts", "embed", "mlp"), std),
+            "down": hidden_matrix((Lm, E, F, D), ("layers", "experts", "mlp", "embed"), out_std),
+        }
+        if cfg.mlp == "swiglu":
+            experts["gate"] = hidden_matrix((Lm, E, D, F), ("layers", "experts", "embed", "mlp"), std)
+        if cfg.moe_shared_expert:
+            experts["shared"] = {k: dataclasses.replace(w, shape=(Lm, *w.shape[1:])) for k, w in mlp.items()}
+        decls["blocks"]["moe"] = experts
     if cfg.positions == "learned":
         decls["pos_embed"] = Weight((cfg.seq_len, D), ("positions", "embed"), True, std=std / 2)
     if not cfg.tie_embeddings:
@@ -180,6 +199,15 @@ def count_params(cfg: ModelConfig, *, embedding: bool = True) -> int:
 # --------------------------------------------------------------------------------------------
 # Layers: pure functions of (params, inputs, the few settings they need).
 # --------------------------------------------------------------------------------------------
+
+
+def inactive_expert_params(cfg: ModelConfig) -> int:
+    """Expert parameters a token's forward does not multiply by: the E - K experts it is not routed
+    to, in each sparse layer (0 for a dense model). Active parameters are the rest."""
+    if not cfg.moe_experts:
+        return 0
+    per_expert = cfg.d_model * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    return cfg.moe_layers * (cfg.moe_experts - cfg.moe_top_k) * per_expert
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -254,22 +282,61 @@ def attn_out(p: Params, o_BxTxHxK: jax.Array) -> jax.Array:
     return y_BxTxD + p["o_bias"] if "o_bias" in p else y_BxTxD
 
 
+def ffn_activation(kind: str, up_xF: jax.Array, gate_xF: jax.Array | None) -> jax.Array:
+    """The hidden activation of an MLP (dense or expert) of ``model.mlp``'s kind."""
+    if kind == "swiglu":
+        return jax.nn.silu(gate_xF) * up_xF
+    if kind == "relu2":
+        return jnp.square(jax.nn.relu(up_xF))  # ReLU squared (Primer; modded-nanogpt)
+    return jax.nn.gelu(up_xF, approximate=True)  # GPT-2's tanh GELU
+
+
 def mlp(p: Params, x_BxTxD: jax.Array, kind: str) -> jax.Array:
     up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["up"])
     if "up_bias" in p:
         up_BxTxF = up_BxTxF + p["up_bias"]
+    gate_BxTxF = None
     if kind == "swiglu":
         gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, p["gate"])
         if "gate_bias" in p:
             gate_BxTxF = gate_BxTxF + p["gate_bias"]
-        h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
-    elif kind == "relu2":
-        h_BxTxF = jnp.square(jax.nn.relu(up_BxTxF))  # ReLU squared (Primer; modded-nanogpt)
-    else:
-        h_BxTxF = jax.nn.gelu(up_BxTxF, approximate=True)  # GPT-2's tanh GELU
-    h_BxTxF = constrain(h_BxTxF, ("batch", "seq", "act_mlp"))
+    h_BxTxF = constrain(ffn_activation(kind, up_BxTxF, gate_BxTxF), ("batch", "seq", "act_mlp"))
     y_BxTxD = jnp.einsum("btf,fd->btd", h_BxTxF, p["down"])
     return y_BxTxD + p["down_bias"] if "down_bias" in p else y_BxTxD
+
+
+def moe_mlp(p: Params, x_BxTxD: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, moe.MoeStats]:
+    """A sparse layer's MLP: route each token to its top-k experts (jaxlm/moe.py's dispatch,
+    expert parallel under a mesh), plus the shared expert if any; and the layer's routing stats."""
+    B, T, D = x_BxTxD.shape
+    K = cfg.moe_top_k
+    logits_NxE, probs_NxE, expert_NxK, weight_NxK = moe.route(x_BxTxD.reshape(-1, D), p["router"], K)
+    aux, load_E = moe.load_balance_loss(probs_NxE, expert_NxK)
+    experts = {k: p[k] for k in ("up", "gate", "down") if k in p}
+    act = lambda up, gate: ffn_activation(cfg.mlp, up, gate)
+    y_BxTxD, dropped = moe.dispatch(
+        x_BxTxD,
+        expert_NxK.reshape(B, T, K),
+        weight_NxK.reshape(B, T, K).astype(x_BxTxD.dtype),
+        experts,
+        act,
+        cfg.moe_capacity_factor,
+    )
+    if "shared" in p:
+        y_BxTxD = y_BxTxD + mlp(p["shared"], x_BxTxD, cfg.mlp)
+    stats = moe.MoeStats(
+        aux, moe.router_z_loss(logits_NxE), load_E, dropped.astype(jnp.float32), jnp.float32(B * T * K)
+    )
+    return y_BxTxD, stats
+
+
+def no_moe_stats(cfg: ModelConfig) -> moe.MoeStats | None:
+    """A dense layer's stats in an MoE model (zeros, so summing over layers counts the sparse ones);
+    None in a dense model."""
+    if not cfg.moe_experts:
+        return None
+    zero = jnp.zeros((), jnp.float32)
+    return moe.MoeStats(zero, zero, jnp.zeros((cfg.moe_experts,), jnp.float32), zero, zero)
 
 
 class KVCache(NamedTuple):
@@ -302,13 +369,14 @@ def block(
     segment_ids_BxT: jax.Array | None = None,
     cache: KVCache | None = None,
     windowed: jax.Array | bool = False,
-) -> tuple[jax.Array, KVCache | None]:
+) -> tuple[jax.Array, KVCache | None, moe.MoeStats | None]:
     """One pre-norm transformer block, x + attn(norm(x)) then x + mlp(norm(x)), for training and
     decoding alike: with ``cache=None`` the T positions attend to each other (causal, within their
     segment when ``segment_ids`` are given); with a cache they attend over the cache after writing
     their own keys/values into it. ``windowed`` (this layer's entry of ``windowed_layers``, traced
-    under the layer scan) limits attention to ``cfg.attention_window``. Returns (x, the updated
-    cache or None)."""
+    under the layer scan) limits attention to ``cfg.attention_window``. A layer whose params hold
+    ``moe`` (not ``mlp``) is sparse. Returns (x, the updated cache or None, the layer's routing
+    stats: ``no_moe_stats`` for a dense layer)."""
     W = cfg.attention_window
     if not W or not cfg.global_every:  # every layer alike: static, so each backend sees it when traced
         windowed = bool(W)
@@ -337,10 +405,14 @@ def block(
         x_BxTxD = x_BxTxD + attn_out(p["attn"], o_BxTxHxK)
     with jax.named_scope("mlp"):
         h = norm(p["mlp_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
-        x_BxTxD = x_BxTxD + mlp(p["mlp"], h, cfg.mlp)
+        if "moe" in p:
+            y_BxTxD, stats = moe_mlp(p["moe"], h, cfg)
+        else:
+            y_BxTxD, stats = mlp(p["mlp"], h, cfg.mlp), no_moe_stats(cfg)
+        x_BxTxD = x_BxTxD + y_BxTxD
     if cache is None:  # a decode batch is not split like a training batch
         x_BxTxD = constrain(x_BxTxD, ("batch", "seq", "act_embed"))
-    return x_BxTxD, cache
+    return x_BxTxD, cache, stats
 
 
 _REMAT_POLICIES = {
@@ -379,22 +451,57 @@ def decoder(
     (document), and padding (segment 0) sees only padding.
     """
 
-    x_BxTxD, _ = _blocks(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg, keep=False)
-    return norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
+    return _decoder(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg)[0]
+
+
+def _decoder(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg: ModelConfig):
+    """``decoder``, and the routing stats summed over the layers (None for a dense model)."""
+    x_BxTxD, _, stats = _blocks(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg, keep=False)
+    return norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps), stats
+
+
+def scan_layers(body, carry, blocks: Params, cfg: ModelConfig):
+    """``lax.scan`` of ``body(carry, p_layer, windowed) -> (carry, y)`` over the L layers in order,
+    y stacked [L, ...]: training, evaluation and cached decoding walk the layers through this one
+    function. A dense model is one scan over the stacked blocks. With experts every ``moe_every``-th
+    layer is sparse and has other params, so the scan runs over groups of moe_every layers (the
+    dense ones, then the sparse one), each group's layers unrolled."""
+    windowed_L = jnp.asarray(windowed_layers(cfg))
+    if not cfg.moe_experts:
+        return jax.lax.scan(lambda c, xs: body(c, *xs), carry, (blocks, windowed_L))
+    k, L = cfg.moe_every, cfg.n_layers
+    grouped = lambda tree, n: jax.tree.map(lambda w: w.reshape(L // k, n, *w.shape[1:]), tree)
+    common = grouped({name: blocks[name] for name in ("attn_norm", "attn", "mlp_norm")}, k)
+    dense = grouped(blocks["mlp"], k - 1) if k > 1 else None
+
+    def group(c, xs):
+        common_g, dense_g, moe_g, windowed_k = xs
+        ys = []
+        for i in range(k):
+            layer_i = lambda tree, i=i: jax.tree.map(lambda w: w[i], tree)
+            p = layer_i(common_g) | ({"moe": moe_g} if i == k - 1 else {"mlp": layer_i(dense_g)})
+            c, y = body(c, p, windowed_k[i])
+            ys.append(y)
+        return c, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+    carry, ys = jax.lax.scan(group, carry, (common, dense, blocks["moe"], windowed_L.reshape(L // k, k)))
+    return carry, jax.tree.map(lambda y: y.reshape(L, *y.shape[2:]), ys)
 
 
 def _blocks(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg: ModelConfig, *, keep: bool):
     """The scan over the blocks, each with its windowed flag: (the last residual stream,
-    [L, B, T, D] every block's if ``keep``)."""
+    [L, B, T, D] every block's if ``keep``, the routing stats summed over the layers or None)."""
 
-    def body(x, layer):
-        p_layer, windowed = layer
-        x, _ = block(p_layer, x, positions_BxT, cfg, segment_ids_BxT=segment_ids_BxT, windowed=windowed)
-        return x, x if keep else None
+    def body(x, p_layer, windowed):
+        x, _, stats = block(
+            p_layer, x, positions_BxT, cfg, segment_ids_BxT=segment_ids_BxT, windowed=windowed
+        )
+        return x, (x if keep else None, stats)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    return jax.lax.scan(body, x_BxTxD, (params["blocks"], jnp.asarray(windowed_layers(cfg))))
+    x_BxTxD, (kept, stats_L) = scan_layers(body, x_BxTxD, params["blocks"], cfg)
+    return x_BxTxD, kept, jax.tree.map(lambda s: s.sum(0), stats_L)
 
 
 def residual_streams(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, cfg: ModelConfig):
@@ -402,6 +509,20 @@ def residual_streams(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.A
     params = cast(params, compute_dtype(cfg))
     x_BxTxD = embed(params, tokens_BxT, positions_BxT, cfg)
     return _blocks(params, x_BxTxD, positions_BxT, None, cfg, keep=True)[1]
+
+
+def hidden_and_moe_stats(
+    params: Params,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    segment_ids_BxT: jax.Array | None,
+    cfg: ModelConfig,
+) -> tuple[jax.Array, moe.MoeStats | None]:
+    """Final-normed hidden states [B, T, D] in the compute dtype, and the routing stats summed over
+    the sparse layers (None for a dense model)."""
+    params = cast(params, compute_dtype(cfg))
+    x_BxTxD = embed(params, tokens_BxT, positions_BxT, cfg)
+    return _decoder(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg)
 
 
 def hidden(
@@ -412,9 +533,7 @@ def hidden(
     cfg: ModelConfig,
 ) -> jax.Array:
     """Final-normed hidden states [B, T, D] in the compute dtype."""
-    params = cast(params, compute_dtype(cfg))
-    x_BxTxD = embed(params, tokens_BxT, positions_BxT, cfg)
-    return decoder(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg)
+    return hidden_and_moe_stats(params, tokens_BxT, positions_BxT, segment_ids_BxT, cfg)[0]
 
 
 def unembed_matrix(params: Params) -> jax.Array:
@@ -457,6 +576,12 @@ class LossSums(NamedTuple):
     """Sum of masked log²Z, Z the softmax normaliser (the z-loss before its coefficient)."""
     count: jax.Array
     """Number of target tokens (the loss mask's sum)."""
+    moe: moe.MoeStats | None = None
+    """Mixture of experts (None for a dense model): aux, router_z and load_E are the means over the
+    sparse layers times ``count``, so summed over micro-batches and divided by the total count they
+    are the count-weighted means (exactly the batch's with one micro-batch); dropped and assigned
+    are token copies summed over the layers. The objective adds ``cfg.moe_aux_loss * aux +
+    cfg.moe_router_z_loss * router_z``."""
 
 
 def token_xent_and_lse(logits_NxV: jax.Array, targets_N: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -480,7 +605,7 @@ def loss_sums(
     float32 [tokens, vocab] matrix never exists in full, neither forward nor backward.
     """
     segment_ids = batch["segment_ids"] if document_masking else None
-    x_BxTxD = hidden(params, batch["inputs"], batch["positions"], segment_ids, cfg)
+    x_BxTxD, stats = hidden_and_moe_stats(params, batch["inputs"], batch["positions"], segment_ids, cfg)
     params_c = cast(params, x_BxTxD.dtype)
     D = x_BxTxD.shape[-1]
     x_NxD = x_BxTxD.reshape(-1, D)
@@ -492,8 +617,14 @@ def loss_sums(
     def sums(x_MxD, t_M, m_M):
         return masked_sums(*token_xent_and_lse(logits_from_hidden(params_c, x_MxD, cfg), t_M), m_M)
 
+    count = mask_N.sum()
+    if stats is not None:  # means over the sparse layers, weighted by this batch's targets
+        per_target = lambda s: s * (count / cfg.moe_layers)
+        stats = stats._replace(
+            aux=per_target(stats.aux), router_z=per_target(stats.router_z), load_E=per_target(stats.load_E)
+        )
     if chunk <= 0 or chunk >= n:
-        return LossSums(*sums(x_NxD, targets_N, mask_N), mask_N.sum())
+        return LossSums(*sums(x_NxD, targets_N, mask_N), count, stats)
     pad = -n % chunk
     x_CxMxD = jnp.pad(x_NxD, ((0, pad), (0, 0))).reshape(-1, chunk, D)
     t_CxM = jnp.pad(targets_N, (0, pad)).reshape(-1, chunk)
@@ -505,4 +636,4 @@ def loss_sums(
 
     zero = jnp.zeros((), jnp.float32)
     (xent, z), _ = jax.lax.scan(one_chunk, (zero, zero), (x_CxMxD, t_CxM, m_CxM))
-    return LossSums(xent, z, mask_N.sum())
+    return LossSums(xent, z, count, stats)

@@ -46,12 +46,12 @@ def muon_dims(w: model.Weight) -> MuonDimensionNumbers | None:
     A hidden matrix of a transformer reads from the residual stream or writes to it, so its
     ``embed`` axis is its first (q, k, v, up, gate: x_D @ W) or its last (o, down: h @ W -> D);
     the other axes (heads and head_dim, mlp) are the other side of the product. ``layers`` is
-    neither: the stacked layers are orthogonalised one by one. Vectors (norm scales, biases) and
+    neither: the stacked layers (and experts) are orthogonalised one by one. Vectors (norm scales, biases) and
     the lookup tables and output head (a ``vocab`` or ``positions`` axis) are AdamW's.
     """
     if not _is_matrix(w):
         return None
-    core = [i for i, a in enumerate(w.axes) if a != "layers"]
+    core = [i for i, a in enumerate(w.axes) if a not in STACK_AXES]
     first, last = w.axes[core[0]] == "embed", w.axes[core[-1]] == "embed"
     if first and not last:
         return MuonDimensionNumbers(reduction_axis=(core[0],), output_axis=tuple(core[1:]))
@@ -60,9 +60,15 @@ def muon_dims(w: model.Weight) -> MuonDimensionNumbers | None:
     return None
 
 
+STACK_AXES = ("layers", "experts")
+"""Axes along which a weight is a batch of matrices, each orthogonalised on its own: the stacked
+layers, and the experts of a sparse layer (an expert's up [D, F] is a matrix like a dense MLP's).
+A router [layers, embed, experts] is then no matrix of Muon's: it keeps AdamW."""
+
+
 def _is_matrix(w: model.Weight) -> bool:
-    """Two or more axes besides ``layers``, and not a lookup table or the output head."""
-    core = [a for a in w.axes if a != "layers"]
+    """Two or more axes besides the ``STACK_AXES``, and not a lookup table or the output head."""
+    core = [a for a in w.axes if a not in STACK_AXES]
     return len(core) >= 2 and not any(a in model.TABLE_AXES for a in w.axes)
 
 

@@ -62,10 +62,10 @@ def hidden_cached(
     params = model.cast(params, model.compute_dtype(cfg))
     x_BxTxD = model.embed(params, tokens_BxT, positions_BxT, cfg)
 
-    def layer(carry, xs):
-        (x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i), (p_layer, windowed) = carry, xs
+    def layer(carry, p_layer, windowed):
+        x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i = carry
         layer_cache = model.KVCache(k_LxBxSxGxK[layer_i], v_LxBxSxGxK[layer_i], start, mask_BxTxS)
-        x_BxTxD, layer_cache = model.block(
+        x_BxTxD, layer_cache, _ = model.block(
             p_layer, x_BxTxD, positions_BxT, cfg, cache=layer_cache, windowed=windowed
         )
         # Write back only the T new slots, so the cache is updated in place, not copied per step.
@@ -77,8 +77,7 @@ def hidden_cached(
         return (x_BxTxD, k_LxBxSxGxK, v_LxBxSxGxK, layer_i + 1), None
 
     init = (x_BxTxD, cache["k"], cache["v"], jnp.zeros((), jnp.int32))
-    xs = (params["blocks"], jnp.asarray(model.windowed_layers(cfg)))
-    (x_BxTxD, k, v, _), _ = jax.lax.scan(layer, init, xs)
+    (x_BxTxD, k, v, _), _ = model.scan_layers(layer, init, params["blocks"], cfg)
     x_BxTxD = model.norm(params["final_norm"], x_BxTxD, cfg.norm, cfg.norm_eps)
     return x_BxTxD, {"k": k, "v": v}
 

@@ -32,6 +32,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "positions": None,
+    "experts": "expert",  # expert parallelism: each device of the expert axis holds E / mesh.expert experts
     # activations
     # Expert parallelism splits the tokens too: a device of the expert axis routes its own rows to
     # the experts it and its expert-axis peers hold. Context parallelism splits the positions.
@@ -129,6 +130,7 @@ AXIS_FIELDS = {
     "head_dim": "model.head_dim",
     "mlp": "model.d_ff",
     "positions": "model.seq_len",
+    "experts": "model.moe_experts",
 }
 
 

@@ -13,17 +13,27 @@ import numpy as np
 import optax
 
 from jaxlm import checkpoint, distributed, lm, profile, sharding, tasks
-from jaxlm.config import Config, ConfigError, to_dict
+from jaxlm.config import Config, ConfigError, ModelConfig, to_dict
 from jaxlm.evaluate import make_eval_step, mean_loss
 from jaxlm.files import write_json
 from jaxlm.metrics import RunLogger, check_loggers, perplexity
-from jaxlm.model import compute_dtype
+from jaxlm.model import compute_dtype, no_moe_stats
 from jaxlm.optim import lr_schedule
 from jaxlm.state import TrainState, abstract_state, create_state, fresh_opt_state, make_tx, state_shardings
 
 # ============================================================================================
 # The step: gradient accumulation over micro-batches, one optimizer update, metrics.
 # ============================================================================================
+
+
+def objective_sum(m: ModelConfig, sums: lm.LossSums) -> jax.Array:
+    """The training objective summed over a batch's targets (the trainer divides by the count):
+    the cross-entropy, the z-loss, and with experts the load-balancing and router z-losses."""
+    # A Python branch, so z_loss=0 is the plain cross-entropy, its gradient bit for bit.
+    loss = sums.xent + m.z_loss * sums.z if m.z_loss else sums.xent
+    if sums.moe is not None:  # mixture of experts: its two router losses (jaxlm/moe.py)
+        loss = loss + m.moe_aux_loss * sums.moe.aux + m.moe_router_z_loss * sums.moe.router_z
+    return loss
 
 
 def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: bool = False):
@@ -38,8 +48,7 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: boo
 
     def objective(p, micro):  # summed, not averaged: the micro-batch sums add up to the batch's
         sums = model.loss_sums(p, micro, doc_mask)
-        # A Python branch, so z_loss=0 is the plain cross-entropy, its gradient bit for bit.
-        return (sums.xent + z_coef * sums.z if z_coef else sums.xent), sums
+        return objective_sum(cfg.model, sums), sums
 
     def loss_and_grads(params, micro):
         (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params, micro)
@@ -66,7 +75,8 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: boo
                 return jax.tree.map(jnp.add, carry, loss_and_grads(params, micro)), None
 
             zero = jnp.zeros((), jnp.float32)
-            zeros = (lm.LossSums(zero, zero, zero), jax.tree.map(jnp.zeros_like, params))
+            zero_sums = lm.LossSums(zero, zero, zero, no_moe_stats(cfg.model))
+            zeros = (zero_sums, jax.tree.map(jnp.zeros_like, params))
             (sums, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
         count = jnp.maximum(sums.count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean token loss
@@ -81,6 +91,12 @@ def make_train_step(cfg: Config, state_sh: TrainState, batch_sh, stop_flags: boo
             "lr": schedule(state.step),
             "tokens": sums.count,
         }
+        if sums.moe is not None:  # before their coefficients; load: the fraction each expert receives
+            metrics["moe/aux_loss"] = sums.moe.aux / count
+            metrics["moe/router_z_loss"] = sums.moe.router_z / count
+            metrics["moe/dropped_fraction"] = sums.moe.dropped / jnp.maximum(sums.moe.assigned, 1.0)
+            for e in range(cfg.model.moe_experts):
+                metrics[f"moe/load/expert_{e}"] = sums.moe.load_E[e] / count
         if flags_N is not None:
             metrics["stop"] = jnp.max(flags_N)
         return new_state, metrics
@@ -259,6 +275,7 @@ def _run_on_mesh(
                 {
                     k: m[k]
                     for k in ("loss", "z_loss", "perplexity", "grad_norm", "lr", "tokens_per_s", "step_time")
+                    + tuple(k for k in m if k.startswith("moe/"))
                 },
                 prefix="train/",
             )

@@ -84,6 +84,9 @@ def test_model_matmuls_account_for_every_model_flop():
     assert 2 * step_flops(cfg, tensor=2) == step_flops(cfg)
     # chunked logits are the same work in pieces
     assert step_flops(dataclasses.replace(cfg, logits_chunk=32)) == step_flops(cfg)
+    # experts: the matmuls are the active ones (top-k experts and the router of each sparse layer)
+    sparse = dataclasses.replace(cfg, moe_experts=4, moe_top_k=2, moe_shared_expert=True, use_bias=False)
+    assert step_flops(sparse) == (bench.flops_per_token(sparse)["total"] - 6 * norm_params) * rows * T
     # the padded vocabulary is work the hardware does (the model FLOPs leave it out)
     padded = dataclasses.replace(cfg, vocab_size=200, vocab_multiple=128)
     assert step_flops(padded) - step_flops(dataclasses.replace(padded, vocab_multiple=1)) == (

@@ -211,6 +211,8 @@ EXPORT_CASES = {
         small(**LLAMA | dict(use_bias=True), tie_embeddings=False, n_kv_heads=1, head_dim=16),
         "30KB",
     ),
+    # Mixtral: jaxlm's dropless top-2 experts in every layer (transformers' fused expert tensors).
+    "mixtral-top2": (small(**LLAMA, n_kv_heads=2, moe_experts=4, moe_top_k=2, tie_embeddings=False), "2GB"),
 }
 
 
@@ -383,6 +385,10 @@ def test_fixture_script_writes_models_that_import_with_their_logits(transformers
         (dict(GPT2, mlp="relu2"), "model.mlp='relu2'"),
         (dict(LLAMA, attention_window=4), "model.attention_window=4: GPT-2 and Llama attend over the whole"),
         (dict(GPT2, attention_window=4, global_every=2), "model.attention_window=4 (global_every=2)"),
+        (dict(LLAMA, moe_experts=4, moe_shared_expert=True), "model.moe_shared_expert=True: a shared expert"),
+        (dict(LLAMA, moe_experts=4, moe_every=2), "model.moe_every=2: dense layers between sparse ones"),
+        (dict(LLAMA, moe_experts=4, moe_capacity_factor=1.25), "(Mixtral is dropless)"),
+        (dict(LLAMA, moe_experts=4, moe_top_k=1), "model.moe_top_k=1"),
     ],
 )
 def test_unrepresentable_options_are_refused_by_name(kw, key):

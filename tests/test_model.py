@@ -104,7 +104,7 @@ def test_global_every_windows_exactly_the_layers_it_says():
         x = x_BxTxD
         for i, windowed in enumerate(windowed_L):
             p_layer = jax.tree.map(lambda w, i=i: w[i], params["blocks"])
-            x, _ = model.block(p_layer, x, pos, cfg, windowed=windowed)
+            x, _, _ = model.block(p_layer, x, pos, cfg, windowed=windowed)
         return model.norm(params["final_norm"], x, cfg.norm, cfg.norm_eps)
 
     scanned = model.decoder(params, x_BxTxD, pos, None, cfg)

@@ -256,7 +256,9 @@ def test_logits_shape_and_dtype(gpt_cfg, gpt_params, logits_fn):
 def test_loss_sums_is_the_cross_entropy_of_the_logits(gpt, gpt_cfg, gpt_params, logits_fn, document_masking):
     """...and the z-loss's log²Z sum, which the trainer weighs by model.z_loss as for the built-in model."""
     b = _batch(gpt_cfg)
-    total, z, count = jax.jit(gpt.loss_sums, static_argnums=2)(gpt_params, b, document_masking)
+    sums = jax.jit(gpt.loss_sums, static_argnums=2)(gpt_params, b, document_masking)
+    total, z, count = sums.xent, sums.z, sums.count
+    assert sums.moe is None  # no experts: the trainer adds no router losses
     seg = b["segment_ids"] if document_masking else None
     logits = np.asarray(logits_fn(gpt_params, b["inputs"], b["positions"], seg), np.float64)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)

@@ -26,6 +26,10 @@ VARIANTS = {
     "rope-window-global_every-gqa": dict(positions="rope", n_kv_heads=2, attention_window=4, global_every=2),
     # µP: the 1/head_dim attention scale and the logit multiplier on both paths (width 32, base 8)
     "rope-mup": dict(positions="rope", parametrization="mup", mup_base_width=8),
+    # mixture of experts: layer 0 dense, layer 1 sparse (4 experts, top-2, dropless, shared expert)
+    "rope-moe-every2-shared": dict(
+        positions="rope", moe_experts=4, moe_top_k=2, moe_every=2, moe_shared_expert=True
+    ),
 }
 
 

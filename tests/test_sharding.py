@@ -64,9 +64,21 @@ def flat_specs(shardings) -> dict[str, str]:
     return {path: spec(s) for path, s in flat.items()}
 
 
+# Mixture of experts (8 experts, top-2): the experts axis on the expert mesh axis, beside fsdp and
+# tensor on the same weight, and the expert axis alone.
+MOE_MESHES = {
+    "moe-fsdp2-expert2-tensor2": MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
+    "moe-expert8": MeshConfig(data=1, expert=8),
+}
+
+
 def golden_table() -> dict[str, dict[str, str]]:
     cfg = small_config()
-    return {name: flat_specs(state_shardings(cfg, mesh_of(shape))) for name, shape in MESHES.items()}
+    table = {name: flat_specs(state_shardings(cfg, mesh_of(shape))) for name, shape in MESHES.items()}
+    moe = apply_overrides(cfg, {"model.moe_experts": "8", "model.moe_top_k": "2"})
+    for name, mesh_cfg in MOE_MESHES.items():
+        table[name] = flat_specs(state_shardings(moe, sharding.make_mesh(mesh_cfg)))
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,16 +169,20 @@ def test_specs_leave_out_mesh_axes_of_size_one():
 def test_golden_partition_specs_of_params_and_optimizer_state():
     expected = json.loads(GOLDEN.read_text())
     actual = golden_table()
-    assert set(actual) == set(expected) == set(MESHES)
-    for name in MESHES:
+    assert set(actual) == set(expected) == set(MESHES) | set(MOE_MESHES)
+    for name in expected:
         diff = {
             k: (expected[name].get(k), actual[name].get(k))
             for k in set(expected[name]) | set(actual[name])
             if expected[name].get(k) != actual[name].get(k)
         }
         assert not diff, f"mesh {name}: leaf: (golden, now) {diff}"
+    # Each expert weight's experts axis is on the expert mesh axis, beside fsdp and tensor.
+    assert (
+        expected["moe-fsdp2-expert2-tensor2"]["params/blocks/moe/up"] == "P(None, 'expert', 'fsdp', 'tensor')"
+    )
     # The table covers the optimizer moments, not only the params, and they match the params.
-    for name in MESHES:
+    for name in expected:
         specs = expected[name]
         moments = [k for k in specs if "/mu/" in k or "/nu/" in k]
         assert len(moments) == 2 * sum(k.startswith("params/") for k in specs)

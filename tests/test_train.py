@@ -50,9 +50,16 @@ def test_loss_decreases_on_a_fixed_batch(tiny_cfg):
     assert int(state.step) == 40
 
 
-def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_cfg):
+@pytest.mark.parametrize(
+    "extra",
+    # Experts (dropless): the router z-loss is a sum over tokens like the cross-entropy, so it adds
+    # up exactly; the load-balancing loss, a product of two means, is each micro-batch's own (off).
+    [{}, {"model.moe_experts": "4", "model.moe_aux_loss": "0", "model.moe_router_z_loss": "0.1"}],
+    ids=["dense", "moe"],
+)
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_cfg, extra):
     # Clipping off: it would rescale a gradient that is off by a constant factor back to norm 1.
-    base = apply_overrides(tiny_cfg, {"optim.grad_clip": "0"})
+    base = apply_overrides(tiny_cfg, {"optim.grad_clip": "0"} | extra)
     batch = _fixed_batch(base)
     results = []
     for M in (1, 4):

@@ -29,8 +29,13 @@ from jaxlm.config import ConfigError, ModelConfig
 # ============================================================================================
 
 
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
+"""The transformers class of each architecture ``architecture`` names."""
+
+
 def architecture(m: ModelConfig) -> str:
-    """``"gpt2"`` or ``"llama"``; a ConfigError listing every option that neither represents."""
+    """``"gpt2"``, ``"llama"`` or ``"mixtral"`` (rope with experts); a ConfigError listing every
+    option that none represents."""
     if m.module:
         raise ConfigError(
             f"cannot export model.module={m.module!r} to Hugging Face: only jaxlm's built-in transformer "
@@ -57,9 +62,28 @@ def architecture(m: ModelConfig) -> str:
                 f"model.head_dim={m.head_dim} with learned positions: GPT-2 needs head_dim = "
                 f"d_model / n_heads = {m.d_model / m.n_heads:g}"
             )
-    else:
+    elif not m.moe_experts:
         want = {"norm": "rmsnorm", "mlp": "swiglu"}
         why = "rope is Llama (LlamaForCausalLM), which has"
+    else:
+        arch = "mixtral"
+        want = {"norm": "rmsnorm", "mlp": "swiglu"}
+        why = "rope with experts is Mixtral (MixtralForCausalLM), which has"
+        mixtral = "Mixtral's sparse MLP has none of it; train without it to export"
+        if m.moe_shared_expert:
+            problems.append(f"model.moe_shared_expert=True: a shared expert: {mixtral}")
+        if m.moe_every != 1:
+            problems.append(f"model.moe_every={m.moe_every}: dense layers between sparse ones: {mixtral}")
+        if m.moe_capacity_factor:
+            problems.append(
+                f"model.moe_capacity_factor={m.moe_capacity_factor}: dropping tokens over capacity: "
+                f"{mixtral} (Mixtral is dropless)"
+            )
+        if m.moe_top_k == 1:
+            problems.append(
+                "model.moe_top_k=1: jaxlm weights a single expert by its probability, Mixtral "
+                "renormalises the top-k weights (to 1 for k=1); use moe_top_k >= 2 to export"
+            )
     if m.qk_norm:
         problems.append(
             "model.qk_norm=True: neither GPT-2 nor Llama normalises queries and keys (transformers' "
@@ -235,11 +259,34 @@ def _llama_tensors(m: ModelConfig) -> list[Tensor]:
     return out if m.tie_embeddings else out + [_lm_head(m)]
 
 
+def _mixtral_tensors(m: ModelConfig) -> list[Tensor]:
+    """Llama's attention and norms; each layer's sparse MLP is transformers 5's fused layout: the
+    router gate.weight [E, D], experts.gate_up_proj [E, 2F, D] (gate rows, then up rows) and
+    experts.down_proj [E, D, F], each expert an nn.Linear [out, in]."""
+    D, E, F = m.d_model, m.moe_experts, m.d_ff
+    p = "model.layers.{i}.mlp."
+    dense = {"blocks/mlp/gate", "blocks/mlp/up", "blocks/mlp/down"}
+    out = [t for t in _llama_tensors(m) if not set(t.parts) & dense]
+    swap = lambda x: np.swapaxes(x, -1, -2)
+    return out + [
+        _transposed(p + "gate.weight", "blocks/moe/router", (E, D)),
+        Tensor(
+            p + "experts.gate_up_proj",
+            ("blocks/moe/gate", "blocks/moe/up"),
+            (E, 2 * F, D),
+            lambda gate, up: np.concatenate([swap(gate), swap(up)], axis=1),
+            lambda w: tuple(swap(x) for x in np.split(w, 2, axis=1)),
+        ),
+        Tensor(p + "experts.down_proj", ("blocks/moe/down",), (E, D, F), swap, lambda w: (swap(w),)),
+    ]
+
+
 def tensor_table(m: ModelConfig) -> list[Tensor]:
     """Every Hugging Face tensor of the model, in the order they are written; checked against
     ``model.param_decls`` (``check_table``)."""
     arch = architecture(m)
-    table = _gpt2_tensors(m) if arch == "gpt2" else _llama_tensors(m)
+    tables = {"gpt2": _gpt2_tensors, "llama": _llama_tensors, "mixtral": _mixtral_tensors}
+    table = tables[arch](m)
     check_table(table, declared_shapes(m), m.n_layers, arch)
     return table
 

@@ -41,9 +41,7 @@ def hf_config(cfg: Config, eot_id: int | None, dtype: str) -> dict[str, Any]:
             "reorder_and_upcast_attn": False,
             **common,
         }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    rope = {
         "hidden_size": m.d_model,
         "intermediate_size": m.d_ff,
         "num_hidden_layers": m.n_layers,
@@ -55,10 +53,27 @@ def hf_config(cfg: Config, eot_id: int | None, dtype: str) -> dict[str, Any]:
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
         "rope_scaling": None,
-        "attention_bias": m.use_bias,
         "attention_dropout": 0.0,
-        "mlp_bias": m.use_bias,
         **common,
+    }
+    if architecture(m) == "mixtral":
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            **rope,
+            "num_local_experts": m.moe_experts,
+            "num_experts_per_tok": m.moe_top_k,
+            "router_aux_loss_coef": m.moe_aux_loss,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+            "sliding_window": None,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **rope,
+        "attention_bias": m.use_bias,
+        "mlp_bias": m.use_bias,
     }
 
 
@@ -78,6 +93,11 @@ ARCHITECTURE_KEYS = (
     "mlp",
     "use_bias",
     "tie_embeddings",
+    "moe_experts",
+    "moe_top_k",
+    "moe_every",
+    "moe_shared_expert",
+    "moe_capacity_factor",
 )
 """ModelConfig fields an imported model fixes; the others (padding, dtypes, attention backend,
 remat, init) are training choices that come from --experiment or the defaults."""
@@ -87,9 +107,41 @@ def _refuse(src: str, key: str, value: Any, why: str) -> None:
     raise ConfigError(f"{src}: {key}={value!r} {why}; jaxlm cannot import this model")
 
 
+DENSE = {
+    "moe_experts": 0,
+    "moe_top_k": ModelConfig.moe_top_k,
+    "moe_every": 1,
+    "moe_shared_expert": False,
+    "moe_capacity_factor": 0.0,
+}
+"""The mixture-of-experts fields of a dense model (GPT-2, Llama)."""
+
+
 def model_fields_from_hf(hf: dict[str, Any], src: str = "config.json") -> dict[str, Any]:
-    """The ARCHITECTURE_KEYS values of a transformers GPT-2 or Llama config.json."""
+    """The ARCHITECTURE_KEYS values of a transformers GPT-2, Llama or Mixtral config.json."""
     kind = hf.get("model_type")
+    if kind == "mixtral":  # Llama's attention, every layer sparse, dropless, top-k renormalised
+        if hf.get("router_jitter_noise", 0.0):
+            _refuse(
+                src,
+                "router_jitter_noise",
+                hf["router_jitter_noise"],
+                "is not supported (jaxlm routes without noise)",
+            )
+        if hf.get("sliding_window"):
+            _refuse(
+                src,
+                "sliding_window",
+                hf["sliding_window"],
+                "is not supported (import attends over the whole context)",
+            )
+        fields = model_fields_from_hf(
+            {**hf, "model_type": "llama", "attention_bias": False, "mlp_bias": False}, src
+        )
+        return fields | {
+            "moe_experts": hf["num_local_experts"],
+            "moe_top_k": hf["num_experts_per_tok"],
+        }
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
@@ -118,7 +170,7 @@ def model_fields_from_hf(hf: dict[str, Any], src: str = "config.json") -> dict[s
             "mlp": "gelu",
             "use_bias": True,
             "tie_embeddings": hf.get("tie_word_embeddings", True),
-        }
+        } | DENSE
     if kind == "llama":
         if hf.get("hidden_act", "silu") != "silu":
             _refuse(src, "hidden_act", hf["hidden_act"], "is not supported (jaxlm's SwiGLU uses silu)")
@@ -155,8 +207,8 @@ def model_fields_from_hf(hf: dict[str, Any], src: str = "config.json") -> dict[s
             "mlp": "swiglu",
             "use_bias": bool(hf.get("attention_bias", False)),
             "tie_embeddings": hf.get("tie_word_embeddings", False),
-        }
+        } | DENSE
     raise ConfigError(
         f"{src}: model_type={kind!r} is not supported; jaxlm imports 'gpt2' (GPT2LMHeadModel) and "
-        "'llama' (LlamaForCausalLM)"
+        "'llama' (LlamaForCausalLM) and 'mixtral' (MixtralForCausalLM)"
     )

@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from jaxlm.config import Config, ConfigError
 from jaxlm.hf import safetensors
-from jaxlm.hf.arch import architecture, tensor_table
+from jaxlm.hf.arch import HF_CLASSES, architecture, tensor_table
 from jaxlm.hf.config_json import hf_config
 
 
@@ -129,7 +129,7 @@ def export(
             out.rmdir()
         tmp.rename(out)
     return {
-        "architecture": "GPT2LMHeadModel" if architecture(m) == "gpt2" else "LlamaForCausalLM",
+        "architecture": HF_CLASSES[architecture(m)],
         "files": names,
         "bytes": sum(safetensors.nbytes(s, d) for _, s, d in specs),
         "tensors": len(specs),
