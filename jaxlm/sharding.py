@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from jaxlm import ring
 from jaxlm.config import MESH_AXES, ConfigError, MeshConfig, ModelConfig, TrainConfig
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
@@ -157,7 +158,8 @@ def _split_dims(decls, mesh_shape: dict[str, int], rules: dict):
 def check_divisible(model: ModelConfig, decls, mesh: Mesh, rules: dict = RULES) -> None:
     """Every weight dimension that ``rules`` split over the mesh must split evenly; one error lists
     every mismatch. Derived from the weight declarations and the rule table, so changing a rule
-    changes what is checked."""
+    changes what is checked. The sequence split over ``context`` is checked too (``ring.check_config``)."""
+    ring.check_config(model, mesh.shape["context"])
     for w in jax.tree.leaves(decls, is_leaf=lambda x: hasattr(x, "axes")):
         logical_to_spec(w.axes, rules)  # unknown axes and collisions first, with their own message
     bad: dict[tuple[str, tuple[str, ...]], str] = {}
