@@ -142,38 +142,53 @@ def _hop(x, C: int):
     return jax.lax.ppermute(x, AXIS, [(d, (d + 1) % C) for d in range(C)])
 
 
+def _halves(x, axis: int = 1):
+    """A shard's two chunks (its early and its late one) along the position axis."""
+    c = x.shape[axis] // 2
+    return jax.lax.slice_in_dim(x, 0, c, axis=axis), jax.lax.slice_in_dim(x, c, 2 * c, axis=axis)
+
+
+# The (our chunk, its chunk) pairs a ring step computes, all others being wholly in the future:
+# on the diagonal (our own block) both early/late pairs but (early, late); a block from an
+# earlier shard: both our chunks against its early one; from a later shard: our late chunk
+# against both of its. Every pair is c x c scores, so no step holds more than one such block.
+_DIAGONAL, _EARLIER, _LATER = ((0, 0), (1, 0), (1, 1)), ((0, 0), (1, 0)), ((1, 0), (1, 1))
+
+
 def _forward(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, C: int, window: int):
     B, T, H, K = q_BxTxHxK.shape
     G = k_BxTxGxK.shape[2]
     c = T // 2
-    q = q_BxTxHxK.reshape(B, T, G, H // G, K)
     me = jax.lax.axis_index(AXIS)
-    q_idx = _held(me, c, C)
-    rows = lambda x, lo: x[:, :, :, lo:]  # a carry's query rows from lo
-    carry = (
-        jnp.full((B, G, H // G, T), _NEG, jnp.float32),
-        jnp.zeros((B, G, H // G, T), jnp.float32),
-        jnp.zeros((B, G, H // G, T, K), jnp.float32),
+    q = _halves(q_BxTxHxK.reshape(B, T, G, H // G, K))
+    q_idx, q_seg = _halves(_held(me, c, C), axis=0), _halves(seg_BxT)
+    empty = (
+        jnp.full((B, G, H // G, c), _NEG, F32),
+        jnp.zeros((B, G, H // G, c), F32),
+        jnp.zeros((B, G, H // G, c, K), F32),
     )
+
+    def step(pairs, block, k_idx, carry):
+        k, v, seg = (_halves(x) for x in block)
+        k_idx = _halves(k_idx, axis=0)
+        carry = list(carry)
+        for a, b in pairs:
+            vis = _visible(q_idx[a], k_idx[b], q_seg[a], seg[b], window)
+            carry[a] = _fold(carry[a], q[a], k[b], v[b], vis)
+        return tuple(carry)
+
     block = (k_BxTxGxK, v_BxTxGxK, seg_BxT)
-    carry = _fold(carry, q, k_BxTxGxK, v_BxTxGxK, _visible(q_idx, q_idx, seg_BxT, seg_BxT, window))
+    carry = step(_DIAGONAL, block, _held(me, c, C), (empty, empty))
     for hop in range(1, C):
-        block = _hop(block, C)
-        k, v, seg = block
+        block = _hop(block, C)  # the next hop needs only this block: XLA may overlap it with the step
         src = (me - hop) % C
-        k_idx = _held(src, c, C)
-
-        def earlier(carry, k=k, v=v, seg=seg, k_idx=k_idx):  # all our queries, its first chunk
-            vis = _visible(q_idx, k_idx[:c], seg_BxT, seg[:, :c], window)
-            return _fold(carry, q, k[:, :c], v[:, :c], vis)
-
-        def later(carry, k=k, v=v, seg=seg, k_idx=k_idx):  # our late chunk, all of it
-            vis = _visible(q_idx[c:], k_idx, seg_BxT[:, c:], seg, window)
-            part = _fold(tuple(rows(x, c) for x in carry), q[:, c:], k, v, vis)
-            return tuple(jnp.concatenate([x[:, :, :, :c], y], 3) for x, y in zip(carry, part, strict=True))
-
+        earlier, later = (
+            functools.partial(step, pairs, block, _held(src, c, C)) for pairs in (_EARLIER, _LATER)
+        )
         carry = jax.lax.cond(src < me, earlier, later, carry)
-    m_BxGxRxT, sum_BxGxRxT, acc_BxGxRxTxK = carry
+    (m0, l0, acc0), (m1, l1, acc1) = carry
+    m_BxGxRxT, sum_BxGxRxT = jnp.concatenate([m0, m1], 3), jnp.concatenate([l0, l1], 3)
+    acc_BxGxRxTxK = jnp.concatenate([acc0, acc1], 3)
     o_BxTxHxK = (acc_BxGxRxTxK / sum_BxGxRxT[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, T, H, K)
     return o_BxTxHxK.astype(q_BxTxHxK.dtype), m_BxGxRxT + jnp.log(sum_BxGxRxT)
 
@@ -189,39 +204,43 @@ def _ring_fwd(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, C, window):
 
 
 def _ring_bwd(C, window, res, do_BxTxHxK):
-    q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, o_BxTxHxK, lse = res
+    q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, o_BxTxHxK, lse_BxGxRxT = res
     B, T, H, K = q_BxTxHxK.shape
     G = k_BxTxGxK.shape[2]
     c = T // 2
     grouped = lambda x: x.reshape(B, T, G, H // G, K)
     q, do, o = grouped(q_BxTxHxK), grouped(do_BxTxHxK.astype(q_BxTxHxK.dtype)), grouped(o_BxTxHxK)
-    delta = jnp.einsum("btgrk,btgrk->bgrt", do.astype(jnp.float32), o.astype(jnp.float32))
+    delta_BxGxRxT = jnp.einsum("btgrk,btgrk->bgrt", do.astype(F32), o.astype(F32))
+    q, do = _halves(q), _halves(do)
+    lse, delta = _halves(lse_BxGxRxT, axis=3), _halves(delta_BxGxRxT, axis=3)
     me = jax.lax.axis_index(AXIS)
-    q_idx = _held(me, c, C)
-    diagonal = _visible(q_idx, q_idx, seg_BxT, seg_BxT, window)
-    dq, dk, dv = _grads(q, do, lse, delta, k_BxTxGxK, v_BxTxGxK, diagonal)
-    k, v, seg = k_BxTxGxK, v_BxTxGxK, seg_BxT
+    q_idx, q_seg = _halves(_held(me, c, C), axis=0), _halves(seg_BxT)
+
+    def step(pairs, block, k_idx, dq, dkv):
+        k, v, seg = (_halves(x) for x in block)
+        k_idx = _halves(k_idx, axis=0)
+        dq, (dk, dv) = list(dq), (list(dkv[0]), list(dkv[1]))
+        for a, b in pairs:
+            vis = _visible(q_idx[a], k_idx[b], q_seg[a], seg[b], window)
+            gq, gk, gv = _grads(q[a], do[a], lse[a], delta[a], k[b], v[b], vis)
+            dq[a], dk[b], dv[b] = dq[a] + gq, dk[b] + gk, dv[b] + gv
+        return tuple(dq), (tuple(dk), tuple(dv))
+
+    zeros = lambda x: tuple(jnp.zeros(h.shape, F32) for h in _halves(x))
+    block = (k_BxTxGxK, v_BxTxGxK, seg_BxT)
+    dq, dkv = step(_DIAGONAL, block, _held(me, c, C), zeros(grouped(q_BxTxHxK)), (zeros(k_BxTxGxK),) * 2)
     for hop in range(1, C):
-        k, v, seg, dk, dv = _hop((k, v, seg, dk, dv), C)
+        block, dkv = _hop((block, dkv), C)  # each block travels with its gradient so far
         src = (me - hop) % C
-        k_idx = _held(src, c, C)
-
-        def earlier(dq, dk, dv, k=k, v=v, seg=seg, k_idx=k_idx):
-            vis = _visible(q_idx, k_idx[:c], seg_BxT, seg[:, :c], window)
-            gq, gk, gv = _grads(q, do, lse, delta, k[:, :c], v[:, :c], vis)
-            return dq + gq, dk.at[:, :c].add(gk), dv.at[:, :c].add(gv)
-
-        def later(dq, dk, dv, k=k, v=v, seg=seg, k_idx=k_idx):
-            vis = _visible(q_idx[c:], k_idx, seg_BxT[:, c:], seg, window)
-            gq, gk, gv = _grads(q[:, c:], do[:, c:], lse[..., c:], delta[..., c:], k, v, vis)
-            return dq.at[:, c:].add(gq), dk + gk, dv + gv
-
-        dq, dk, dv = jax.lax.cond(src < me, earlier, later, dq, dk, dv)
-    dk, dv = _hop((dk, dv), C)  # the C-th hop brings each block's gradient back to its shard
+        earlier, later = (
+            functools.partial(step, pairs, block, _held(src, c, C)) for pairs in (_EARLIER, _LATER)
+        )
+        dq, dkv = jax.lax.cond(src < me, earlier, later, dq, dkv)
+    (dk, dv) = _hop(dkv, C)  # the C-th hop brings each block's gradient back to its shard
     return (
-        dq.reshape(B, T, H, K).astype(q_BxTxHxK.dtype),
-        dk.astype(k_BxTxGxK.dtype),
-        dv.astype(v_BxTxGxK.dtype),
+        jnp.concatenate(dq, 1).reshape(B, T, H, K).astype(q_BxTxHxK.dtype),
+        jnp.concatenate(dk, 1).astype(k_BxTxGxK.dtype),
+        jnp.concatenate(dv, 1).astype(v_BxTxGxK.dtype),
         None,
     )
 
