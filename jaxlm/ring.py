@@ -177,23 +177,17 @@ def _forward(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, seg_BxT, C: int, window: int):
             carry[a] = _fold(carry[a], q[a], k[b], v[b], vis)
         return tuple(carry)
 
-    def visit(hop, block, carry):  # the block from ``hop`` shards back: half of it is visible
+    block = (k_BxTxGxK, v_BxTxGxK, seg_BxT)
+    carry = step(_DIAGONAL, block, _held(me, c, C), (empty, empty))
+    # A Python loop, unrolled: XLA:CPU aborts on collective-permutes inside a scan's while loop
+    # (more participants than devices at one rendezvous), and C is a handful of steps.
+    for hop in range(1, C):
+        block = _hop(block, C)  # the next hop needs only this block: XLA may overlap it with the step
         src = (me - hop) % C
         earlier, later = (
             functools.partial(step, pairs, block, _held(src, c, C)) for pairs in (_EARLIER, _LATER)
         )
-        return jax.lax.cond(src < me, earlier, later, carry)
-
-    def ring_step(state, hop):
-        carry, block = state
-        # The next hop needs only the block in hand, not this step's result: XLA may overlap them.
-        return (visit(hop, block, carry), _hop(block, C)), None
-
-    block = (k_BxTxGxK, v_BxTxGxK, seg_BxT)
-    carry = step(_DIAGONAL, block, _held(me, c, C), (empty, empty))
-    # A scan over hops 1 .. C-2, then the last (no hop after it): the program's size does not grow with C.
-    (carry, block), _ = jax.lax.scan(ring_step, (carry, _hop(block, C)), jnp.arange(1, C - 1))
-    carry = visit(C - 1, block, carry)
+        carry = jax.lax.cond(src < me, earlier, later, carry)
     (m0, l0, acc0), (m1, l1, acc1) = carry
     m_BxGxRxT, sum_BxGxRxT = jnp.concatenate([m0, m1], 3), jnp.concatenate([l0, l1], 3)
     acc_BxGxRxTxK = jnp.concatenate([acc0, acc1], 3)
@@ -235,24 +229,15 @@ def _ring_bwd(C, window, res, do_BxTxHxK):
         return tuple(dq), (tuple(dk), tuple(dv))
 
     zeros = lambda x: tuple(jnp.zeros(h.shape, F32) for h in _halves(x))
-
-    def visit(hop, block, dq, dkv):
+    block = (k_BxTxGxK, v_BxTxGxK, seg_BxT)
+    dq, dkv = step(_DIAGONAL, block, _held(me, c, C), zeros(grouped(q_BxTxHxK)), (zeros(k_BxTxGxK),) * 2)
+    for hop in range(1, C):
+        block, dkv = _hop((block, dkv), C)  # each block travels with its gradient so far
         src = (me - hop) % C
         earlier, later = (
             functools.partial(step, pairs, block, _held(src, c, C)) for pairs in (_EARLIER, _LATER)
         )
-        return jax.lax.cond(src < me, earlier, later, dq, dkv)
-
-    def ring_step(state, hop):
-        dq, block, dkv = state
-        dq, dkv = visit(hop, block, dq, dkv)
-        return (dq, _hop(block, C), _hop(dkv, C)), None  # each block travels with its gradient so far
-
-    block = (k_BxTxGxK, v_BxTxGxK, seg_BxT)
-    dq, dkv = step(_DIAGONAL, block, _held(me, c, C), zeros(grouped(q_BxTxHxK)), (zeros(k_BxTxGxK),) * 2)
-    state = (dq, *_hop((block, dkv), C))
-    (dq, block, dkv), _ = jax.lax.scan(ring_step, state, jnp.arange(1, C - 1))
-    dq, dkv = visit(C - 1, block, dq, dkv)
+        dq, dkv = jax.lax.cond(src < me, earlier, later, dq, dkv)
     (dk, dv) = _hop(dkv, C)  # the C-th hop brings each block's gradient back to its shard
     return (
         jnp.concatenate(dq, 1).reshape(B, T, H, K).astype(q_BxTxHxK.dtype),
