@@ -284,7 +284,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 def global_batch(local: dict, batch_sh: NamedSharding, row_blocks: int) -> dict[str, jax.Array]:
     """This process's rows of a batch (one of ``row_blocks`` equal blocks of the global batch, see
-    ``process_batch_slice``) assembled into global arrays sharded by ``batch_sh``."""
+    ``process_batch_slice``) assembled into global arrays sharded by ``batch_sh``. The rows are
+    whole even where the mesh splits their positions over ``context`` (across processes too): the
+    global shape has their length, so each device takes its own positions from them."""
     return {
         k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0] * row_blocks, *v.shape[1:]))
         for k, v in local.items()
