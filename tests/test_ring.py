@@ -239,3 +239,18 @@ def test_what_context_parallelism_cannot_run_is_refused_by_name(tiny_cfg):
     mask = jnp.ones((1, 32, 32), bool)
     with jax.set_mesh(_mesh(2)):
         jax.jit(lambda q, k, v: attend(q, k, v, mask, backend="reference"))(q, k, v)
+
+
+def test_logits_and_residual_streams_on_a_context_mesh_are_in_the_original_order(tiny_cfg):
+    """model.forward and residual_streams permute into the zig-zag order and back: position t of
+    their outputs is position t of one device's."""
+    m = tiny_cfg.model
+    params = model.init_params(m, jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, m.seq_len), dtype=np.int32)
+    positions = np.tile(np.arange(m.seq_len, dtype=np.int32), (2, 1))
+    run = jax.jit(lambda p, t, pos: (model.forward(p, t, pos, None, m), model.residual_streams(p, t, pos, m)))
+    want_logits, want_streams = run(params, tokens, positions)
+    with jax.set_mesh(_mesh(4, data=2)):
+        logits, streams = run(params, tokens, positions)
+    assert_close(logits, want_logits, loss_terms(m, 0))
+    assert_close(streams, want_streams, loss_terms(m, 0))
