@@ -22,7 +22,9 @@ segment ids, so packed documents that cross a shard boundary stay exact.
 Backward (a ``custom_vjp``, as in flash attention): only q, k, v, the output and the per-query
 log-sum-exp are kept (O(T / C) per shard); the probabilities are recomputed block by block while
 the K/V blocks go round the ring again, this time with their dK/dV accumulators, which come home
-with one last hop. Differentiating the forward instead would keep every hop's probabilities.
+with one last hop. Differentiating the forward instead would keep every hop's probabilities. A
+block and its gradient travel in one ppermute after the step that updated them, so the backward's
+hops do not overlap its compute (sending K/V ahead of dK/dV would).
 
 Shapes: B batch rows on this shard, T = 2c positions on this shard, H query heads, G kv heads,
 R = H // G, K head dim.

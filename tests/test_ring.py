@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,12 @@ from tolerances import assert_close, assert_trees_close, attention_terms, grad_t
 
 from jaxlm import checkpoint, lm, model, ring, sharding, train
 from jaxlm.attention import attend
+from jaxlm.cli import main as cli
 from jaxlm.config import ConfigError, MeshConfig, apply_overrides, preset
 from jaxlm.evaluate import make_eval_step, mean_loss
 from jaxlm.state import state_shardings
+
+TINY = Path(__file__).resolve().parents[1] / "experiments" / "tiny.py"
 
 
 def _mesh(context: int, data: int = 1) -> jax.sharding.Mesh:
@@ -215,6 +219,21 @@ def test_processes_on_one_row_block_load_the_same_full_rows():
     x = sharding.global_batch({"inputs": rows}, sharding.batch_sharding(mesh), 1)["inputs"]
     assert x.sharding.spec == PartitionSpec("data", "context")
     np.testing.assert_array_equal(np.asarray(x), rows)
+
+
+def test_the_cli_refuses_a_context_mesh_it_cannot_run_before_writing_anything(tiny_cfg, capsys):
+    run_dir = tiny_cfg.train.run_dir
+    sets = [
+        "mesh.context=8",
+        "mesh.data=1",
+        "model.seq_len=24",
+        f"data.dir={tiny_cfg.data.dir}",
+        f"train.run_dir={run_dir}",
+    ]
+    assert cli(["train", str(TINY), "--set", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mesh.context=8 needs model.seq_len divisible by 2 x context = 16")
+    assert len(err.splitlines()) == 1 and not Path(run_dir).exists()  # one line; nothing written
 
 
 def test_what_context_parallelism_cannot_run_is_refused_by_name(tiny_cfg):
