@@ -7,7 +7,9 @@ the causal mask would discard (the CPU default; self-attention only). ``xla``:
 flash-attention kernel (NVIDIA GPUs, bf16/fp16, causal only). ``splash``: the Pallas splash-attention
 kernel (TPU; honours segment ids; sequence length a multiple of 128). ``auto`` picks the fastest
 backend that supports the request. A backend that cannot honour a document (segment) mask or an
-explicit mask is refused with a ConfigError, never silently run without it.
+explicit mask is refused with a ConfigError, never silently run without it. On a mesh with a
+context axis (``mesh.context > 1``) self-attention is ring attention (jaxlm/ring.py) whatever
+``auto`` would pick; the other backends are refused there.
 
 Sliding-window (local) attention, ``window=W > 0``: query t sees key s iff s <= t and t - s < W
 (and, with segment ids, both lie in one document, where t - s is also the position difference).
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import ring
 from jaxlm.config import ConfigError
 
 BACKENDS = ("reference", "blockwise", "xla", "cudnn", "splash")
@@ -233,6 +236,11 @@ def attend(
     if mask_BxTxS is not None and window:
         raise ValueError("attend: fold the window into mask_BxTxS; an explicit mask replaces it")
     T, S = q_BxTxHxK.shape[1], k_BxSxGxK.shape[1]
+    C = ring.context_size()
+    if mask_BxTxS is None and C > 1:  # the sequence is split over the mesh's context axis
+        if backend != "auto":
+            raise ConfigError(ring.backend_error(backend, C))
+        return ring.ring_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxT, window)
     impl = resolve_backend(
         backend,
         segment_ids=segment_ids_BxT is not None,

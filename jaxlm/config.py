@@ -258,7 +258,9 @@ class MeshConfig:
     """Expert parallelism: the experts of an MoE layer split over it, tokens reach them by
     all-to-all; it splits the batch too (data parallel for the dense weights)."""
     context: int = 1
-    """Context parallelism: the positions of every sequence split over it (ring attention)."""
+    """Context parallelism: the positions of every sequence split over it, attention by ring
+    (jaxlm/ring.py, docs/scaling.md); needs model.seq_len divisible by 2 x context and
+    model.attention=auto."""
     coordinator_address: str = ""
     """host:port of process 0 for multi-process runs; empty auto-detects (SLURM, TPU, env)."""
     num_processes: int = 0

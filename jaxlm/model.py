@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import cpu_dtype, moe
+from jaxlm import cpu_dtype, moe, ring
 from jaxlm.attention import attend
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
@@ -506,9 +506,13 @@ def _blocks(params, x_BxTxD, positions_BxT, segment_ids_BxT, cfg: ModelConfig, *
 
 def residual_streams(params: Params, tokens_BxT: jax.Array, positions_BxT: jax.Array, cfg: ModelConfig):
     """[L, B, T, D]: the residual stream after each block (the µP coordinate check reads their RMS)."""
+    C = ring.context_size()
+    if C > 1:
+        tokens_BxT, positions_BxT = (ring.to_zigzag(x, C) for x in (tokens_BxT, positions_BxT))
     params = cast(params, compute_dtype(cfg))
     x_BxTxD = embed(params, tokens_BxT, positions_BxT, cfg)
-    return _blocks(params, x_BxTxD, positions_BxT, None, cfg, keep=True)[1]
+    x_LxBxTxD = _blocks(params, x_BxTxD, positions_BxT, None, cfg, keep=True)[1]
+    return ring.from_zigzag(x_LxBxTxD, C, axis=2) if C > 1 else x_LxBxTxD
 
 
 def hidden_and_moe_stats(
@@ -561,7 +565,13 @@ def forward(
     cfg: ModelConfig,
 ) -> jax.Array:
     """Float32 logits [B, T, vocab_size] for every position."""
+    C = ring.context_size()
+    if C > 1:  # attention on a context mesh takes the zig-zag order (jaxlm/ring.py)
+        tokens_BxT, positions_BxT = (ring.to_zigzag(x, C) for x in (tokens_BxT, positions_BxT))
+        segment_ids_BxT = None if segment_ids_BxT is None else ring.to_zigzag(segment_ids_BxT, C)
     x_BxTxD = hidden(params, tokens_BxT, positions_BxT, segment_ids_BxT, cfg)
+    if C > 1:
+        x_BxTxD = constrain(ring.from_zigzag(x_BxTxD, C), ("batch", "seq", "act_embed"))
     logits = logits_from_hidden(cast(params, x_BxTxD.dtype), x_BxTxD, cfg)
     return constrain(logits, ("batch", "seq", "act_vocab"))[..., : cfg.vocab_size]
 
@@ -603,7 +613,13 @@ def loss_sums(
 
     With ``cfg.logits_chunk > 0`` the logits are computed chunk by chunk under remat, so the
     float32 [tokens, vocab] matrix never exists in full, neither forward nor backward.
+
+    On a mesh with a context axis the batch's positions are first put in zig-zag order, which
+    ring attention needs (jaxlm/ring.py); the sums over positions do not depend on their order.
     """
+    C = ring.context_size()
+    if C > 1:
+        batch = {k: ring.to_zigzag(v, C) if v.ndim > 1 else v for k, v in batch.items()}
     segment_ids = batch["segment_ids"] if document_masking else None
     x_BxTxD, stats = hidden_and_moe_stats(params, batch["inputs"], batch["positions"], segment_ids, cfg)
     params_c = cast(params, x_BxTxD.dtype)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from jaxlm import ring
 from jaxlm.config import MESH_AXES, ConfigError, MeshConfig, ModelConfig, TrainConfig
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
@@ -159,7 +160,8 @@ def _split_dims(decls, mesh_shape: dict[str, int], rules: dict):
 def check_divisible(model: ModelConfig, decls, mesh: Mesh, rules: dict = RULES) -> None:
     """Every weight dimension that ``rules`` split over the mesh must split evenly; one error lists
     every mismatch. Derived from the weight declarations and the rule table, so changing a rule
-    changes what is checked."""
+    changes what is checked. The sequence split over ``context`` is checked too (``ring.check_config``)."""
+    ring.check_config(model, mesh.shape["context"])
     for w in jax.tree.leaves(decls, is_leaf=lambda x: hasattr(x, "axes")):
         logical_to_spec(w.axes, rules)  # unknown axes and collisions first, with their own message
     bad: dict[tuple[str, tuple[str, ...]], str] = {}
@@ -284,7 +286,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 def global_batch(local: dict, batch_sh: NamedSharding, row_blocks: int) -> dict[str, jax.Array]:
     """This process's rows of a batch (one of ``row_blocks`` equal blocks of the global batch, see
-    ``process_batch_slice``) assembled into global arrays sharded by ``batch_sh``."""
+    ``process_batch_slice``) assembled into global arrays sharded by ``batch_sh``. The rows are
+    whole even where the mesh splits their positions over ``context`` (across processes too): the
+    global shape has their length, so each device takes its own positions from them."""
     return {
         k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0] * row_blocks, *v.shape[1:]))
         for k, v in local.items()

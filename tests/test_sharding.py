@@ -1,6 +1,7 @@
 """Data, FSDP and tensor parallelism on the 8 fake CPU devices: meshes from config, the golden
-PartitionSpec of every parameter and optimizer-state leaf, sharded training == one device, the
-collectives each mesh compiles to, and per-device memory falling as 1/fsdp.
+PartitionSpec of every parameter and optimizer-state leaf and of the batch (meshes with a context
+axis too), sharded training == one device, the collectives each mesh compiles to, and per-device
+memory falling as 1/fsdp.
 
 Regenerate the golden table after a deliberate change to RULES or the model (then read the diff):
     python tests/test_sharding.py
@@ -64,20 +65,28 @@ def flat_specs(shardings) -> dict[str, str]:
     return {path: spec(s) for path, s in flat.items()}
 
 
-# Mixture of experts (8 experts, top-2): the experts axis on the expert mesh axis, beside fsdp and
-# tensor on the same weight, and the expert axis alone.
-MOE_MESHES = {
-    "moe-fsdp2-expert2-tensor2": MeshConfig(data=1, fsdp=2, expert=2, tensor=2),
-    "moe-expert8": MeshConfig(data=1, expert=8),
-}
+# More meshes for the golden table, (data, fsdp, expert, context, tensor): two with the context
+# axis, and two for the mixture of experts (8 experts, top-2) with the experts axis on the expert
+# mesh axis, beside fsdp and tensor on the same weight, and the expert axis alone.
+CONTEXT_MESHES = {"2x1x1x4x1": (2, 1, 1, 4, 1), "1x2x1x2x2": (1, 2, 1, 2, 2)}
+MOE_MESHES = {"moe-fsdp2-expert2-tensor2": (1, 2, 2, 1, 2), "moe-expert8": (1, 1, 8, 1, 1)}
+GOLDEN_MESHES = (
+    {name: (shape[0], shape[1], 1, 1, shape[2]) for name, shape in MESHES.items()}
+    | CONTEXT_MESHES
+    | MOE_MESHES
+)
 
 
 def golden_table() -> dict[str, dict[str, str]]:
+    """Per mesh: the spec of every params and optimizer-state leaf, and of the [batch, seq] inputs."""
     cfg = small_config()
-    table = {name: flat_specs(state_shardings(cfg, mesh_of(shape))) for name, shape in MESHES.items()}
     moe = apply_overrides(cfg, {"model.moe_experts": "8", "model.moe_top_k": "2"})
-    for name, mesh_cfg in MOE_MESHES.items():
-        table[name] = flat_specs(state_shardings(moe, sharding.make_mesh(mesh_cfg)))
+    table = {}
+    for name, sizes in GOLDEN_MESHES.items():
+        mesh = sharding.make_mesh(MeshConfig(**dict(zip(sharding.MESH_AXES, sizes, strict=True))))
+        table[name] = flat_specs(state_shardings(moe if name in MOE_MESHES else cfg, mesh)) | flat_specs(
+            {"batch": sharding.batch_sharding(mesh)}
+        )
     return table
 
 
@@ -169,8 +178,8 @@ def test_specs_leave_out_mesh_axes_of_size_one():
 def test_golden_partition_specs_of_params_and_optimizer_state():
     expected = json.loads(GOLDEN.read_text())
     actual = golden_table()
-    assert set(actual) == set(expected) == set(MESHES) | set(MOE_MESHES)
-    for name in expected:
+    assert set(actual) == set(expected) == set(GOLDEN_MESHES)
+    for name in GOLDEN_MESHES:
         diff = {
             k: (expected[name].get(k), actual[name].get(k))
             for k in set(expected[name]) | set(actual[name])
@@ -181,8 +190,14 @@ def test_golden_partition_specs_of_params_and_optimizer_state():
     assert (
         expected["moe-fsdp2-expert2-tensor2"]["params/blocks/moe/up"] == "P(None, 'expert', 'fsdp', 'tensor')"
     )
+    # The context axis splits the positions of the batch and no weight: the params of a context
+    # mesh are split as on the mesh without it.
+    assert expected["2x1x1x4x1"]["batch"] == "P('data', 'context')"
+    unsplit = lambda specs: {k: v for k, v in specs.items() if k != "batch"}
+    assert unsplit(expected["2x1x1x4x1"]) == unsplit(expected["8x1x1"])
+    assert unsplit(expected["1x2x1x2x2"]) == unsplit(expected["2x2x2"])
     # The table covers the optimizer moments, not only the params, and they match the params.
-    for name in expected:
+    for name in GOLDEN_MESHES:
         specs = expected[name]
         moments = [k for k in specs if "/mu/" in k or "/nu/" in k]
         assert len(moments) == 2 * sum(k.startswith("params/") for k in specs)
