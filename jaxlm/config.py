@@ -374,7 +374,7 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
         if text not in args:
             raise ConfigError(f"{key}={text!r} is not valid; choose one of {list(args)}")
         return text
-    if origin in (tuple, dict) and any(typing.get_origin(a) for a in args):
+    if origin in (tuple, dict) and any(typing.get_origin(a) in (tuple, dict, list) for a in args):
         # Containers of containers are written as config.json writes them.
         try:
             return from_json(json.loads(text), tp) if text else origin()  # '' is empty, as for a flat tuple

@@ -191,7 +191,7 @@ def test_two_processes_train_like_one_and_wait_for_the_device_once_a_step(tiny_d
     assert [line.split("|")[0].strip() for line in log if line.startswith("step") and "val" not in line] == [
         f"step      {s}" for s in range(1, 5)
     ]
-    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 2} on 4 cpu device(s)" in log[0]
+    assert "mesh {'data': 1, 'fsdp': 2, 'expert': 1, 'context': 1, 'tensor': 2} on 4 cpu device(s)" in log[0]
     assert "step      4" in outs[0] and "step " not in outs[1] and "jaxlm:" not in outs[1], outs[1]
     assert len(list((run / "tb").iterdir())) == 1
 
