@@ -104,22 +104,6 @@ def reference_run(tiny_data, tmp_path_factory) -> Path:
     return runs / "ref"
 
 
-@pytest.fixture(scope="module")
-def recipe_reference_run(tiny_data, tmp_path_factory) -> Path:
-    """The same uninterrupted run with the RECIPE options."""
-    runs = tmp_path_factory.mktemp("recipe_reference")
-    assert train.run(_cfg(tiny_data, runs, "ref", **RECIPE))["status"] == "finished"
-    return runs / "ref"
-
-
-@pytest.fixture(scope="module")
-def nnx_reference_run(tiny_data, tmp_path_factory) -> Path:
-    """The same uninterrupted run of experiments/nnx_gpt.py."""
-    runs = tmp_path_factory.mktemp("nnx_reference")
-    assert train.run(_cfg(tiny_data, runs, "ref", NNX))["status"] == "finished"
-    return runs / "ref"
-
-
 # --------------------------------------------------------------------------------------------
 # Interrupted runs continue exactly.
 # --------------------------------------------------------------------------------------------
@@ -127,45 +111,6 @@ def nnx_reference_run(tiny_data, tmp_path_factory) -> Path:
 
 def test_kill9_at_a_random_step_then_resume_reproduces_the_loss_curve(tiny_data, tmp_path, reference_run):
     _kill9_then_resume(tiny_data, tmp_path, reference_run, TINY)
-
-
-def test_kill9_then_resume_is_exact_with_muon_and_sliding_window_attention(
-    tiny_data, tmp_path, recipe_reference_run, capsys
-):
-    """`--set optim.name=muon model.attention_window=8 ...` through the CLI: the loss falls, Muon's
-    momentum is checkpointed and restored (the resumed curve is bit for bit the uninterrupted one),
-    the window comes back from the checkpoint for sampling, and export refuses the window by name."""
-    _kill9_then_resume(tiny_data, tmp_path, recipe_reference_run, TINY, RECIPE)
-    run = tmp_path / "killed"
-    assert "params, optimizer state and step" in (run / "log.txt").read_text()
-    losses = _losses(run)
-    assert losses[STEPS] < losses[1] - 1.0, losses  # from ~ln 257 = 5.5
-    cfg = checkpoint.load_params(str(run))[0]
-    assert (cfg.model.attention_window, cfg.model.global_every) == (8, 2)
-    from jaxlm.cli import main as cli
-
-    capsys.readouterr()
-    assert cli(["sample", "--checkpoint", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "12"]) == 0
-    assert capsys.readouterr().out.startswith("ROMEO:")
-    assert cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
-    assert "model.attention_window=8 (global_every=2)" in capsys.readouterr().err
-    assert not (tmp_path / "hf").exists()
-
-
-def test_kill9_then_resume_is_exact_for_a_flax_nnx_module(tiny_data, tmp_path, nnx_reference_run, capsys):
-    _kill9_then_resume(tiny_data, tmp_path, nnx_reference_run, NNX)
-    # The run samples (a full forward per token: the module has no cache), evaluates, and refuses export.
-    from jaxlm.cli import main as cli
-
-    run = str(tmp_path / "killed")
-    capsys.readouterr()
-    assert cli(["sample", "--checkpoint", run, "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("ROMEO:")
-    assert cli(["eval", "--checkpoint", run, "--batches", "2"]) == 0
-    assert f"step {STEPS} | val split" in capsys.readouterr().out
-    assert cli(["export", "--checkpoint", run, "--out", str(tmp_path / "hf")]) == 2
-    assert "cannot export model.module='experiments/nnx_gpt.py:GPT'" in capsys.readouterr().err
-    assert not (tmp_path / "hf").exists()
 
 
 def _kill9_then_resume(
@@ -426,10 +371,69 @@ def test_a_write_failing_in_the_background_is_reported_and_keeps_earlier_checkpo
 
 
 # --------------------------------------------------------------------------------------------
-# Mixture of experts: the generic machinery carries the expert weights and their expert axis.
+# Every feature that keeps state of its own resumes bit for bit from a mid-run checkpoint.
 # --------------------------------------------------------------------------------------------
 
 MOE = {"model.moe_experts": 4, "model.moe_top_k": 2, "model.seq_len": 16, "model.vocab_multiple": 8}
+# Six steps checkpointed at 3 and 6; the one at 6 deleted, the run resumed from 3 in this process.
+# One program run twice on one machine, so bit for bit; the kill -9 of a real process is the test
+# above (the default model) and tests/test_multiprocess.py's, this is what each feature adds to it.
+RESUMED = {
+    # Muon's momentum, and sliding-window attention over documents (layer 0 windowed, layer 1 global)
+    "muon-window": (TINY, RECIPE),
+    # a Flax NNX module's params, declared by its annotations
+    "nnx": (NNX, {}),
+    # experts split over the expert axis, and the routing stats logged apart
+    "moe-expert4": (TINY, MOE | {"mesh.fsdp": 1, "mesh.data": 2, "mesh.expert": 4}),
+    # positions split over the context axis (zig-zag ring attention), documents masked
+    "context2": (TINY, {"mesh.fsdp": 4, "mesh.context": 2, "data.document_masking": "true"}),
+    # µP's per-parameter learning rates, an optimizer transform of their own
+    "mup": (TINY, {"model.parametrization": "mup", "model.mup_base_width": 16, "optim.warmup_steps": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_a_mid_run_checkpoint_resumes_bit_for_bit(tiny_data, tmp_path, name, capsys):
+    experiment, extra = RESUMED[name]
+    cfg = _cfg(tiny_data, tmp_path, name, experiment, **{"train.steps": 6, "checkpoint.every": 3, **extra})
+    assert train.run(cfg)["status"] == "finished"
+    run = tmp_path / name
+    want_losses, want_params = _losses(run), jax.device_get(checkpoint.load_params(run)[1])
+    assert sorted(want_losses) == [1, 2, 3, 4, 5, 6]
+    assert checkpoint.complete_steps(run / "checkpoints") == [3, 6]
+    shutil.rmtree(run / "checkpoints" / "6")
+    (run / "summary.json").unlink()
+    assert train.run(cfg, resume=True)["status"] == "finished"
+    log = (run / "log.txt").read_text()
+    assert f"resumed from {run / 'checkpoints' / '3'}: params, optimizer state and step 3" in log, log
+    assert _losses(run) == want_losses
+    _assert_trees_equal(checkpoint.load_params(run)[1], want_params)
+    from jaxlm.cli import main as cli
+
+    capsys.readouterr()
+    hf = tmp_path / "hf"
+    if name == "muon-window":  # the window comes back from the checkpoint; export refuses it by name
+        loaded = checkpoint.load_params(str(run))[0]
+        assert (loaded.model.attention_window, loaded.model.global_every) == (8, 2)
+        assert cli(["sample", "--checkpoint", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "12"]) == 0
+        assert capsys.readouterr().out.startswith("ROMEO:")
+        assert cli(["export", "--checkpoint", str(run), "--out", str(hf)]) == 2
+        assert "model.attention_window=8 (global_every=2)" in capsys.readouterr().err and not hf.exists()
+    if name == "nnx":  # samples (a full forward per token: no cache), evaluates, refuses export
+        assert cli(["sample", "--checkpoint", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "5"]) == 0
+        assert capsys.readouterr().out.startswith("ROMEO:")
+        assert cli(["eval", "--checkpoint", str(run), "--batches", "2"]) == 0
+        assert "step 6 | val split" in capsys.readouterr().out
+        assert cli(["export", "--checkpoint", str(run), "--out", str(hf)]) == 2
+        assert "cannot export model.module='experiments/nnx_gpt.py:GPT'" in capsys.readouterr().err
+        assert not hf.exists()
+    if name == "moe-expert4":
+        curves = read_curves(run / "tb", ("train/moe/aux_loss", "train/moe/load/expert_0"))
+        assert len(curves["train/moe/aux_loss"]) >= 6 and curves["train/moe/load/expert_0"]
+
+
+# Mixture of experts: the generic machinery carries the expert weights and their expert axis.
+# --------------------------------------------------------------------------------------------
 
 
 def test_moe_checkpoint_restores_onto_another_expert_parallel_degree(tiny_cfg, tmp_path):
@@ -446,21 +450,3 @@ def test_moe_checkpoint_restores_onto_another_expert_parallel_degree(tiny_cfg, t
     up = restored["params"]["blocks"]["moe"]["up"]  # [layers, experts, embed, mlp]
     assert up.sharding.spec[1] == "expert" and up.sharding == target["params"]["blocks"]["moe"]["up"].sharding
     assert up.addressable_shards[0].data.shape[1] == 2  # 4 experts over expert=2
-
-
-def test_moe_resume_from_a_checkpoint_is_bit_exact(tiny_data, tmp_path):
-    """Expert parallel (expert=4): 6 steps, checkpointed at 3 and 6; drop step 6 and resume from
-    3: the same losses and params, bit for bit (one program, one machine)."""
-    sets = MOE | {"train.steps": 6, "checkpoint.every": 3, "mesh.fsdp": 1, "mesh.data": 2, "mesh.expert": 4}
-    cfg = _cfg(tiny_data, tmp_path, "moe", **sets)
-    assert train.run(cfg)["status"] == "finished"
-    run = tmp_path / "moe"
-    want_losses, want_params = _losses(run), jax.device_get(checkpoint.load_params(run)[1])
-    assert set(want_losses) == set(range(1, 7))
-    shutil.rmtree(run / "checkpoints" / "6")
-    assert train.run(cfg, resume=True)["status"] == "finished"
-    assert "resumed from" in (run / "log.txt").read_text()
-    assert _losses(run) == want_losses
-    _assert_trees_equal(checkpoint.load_params(run)[1], want_params)
-    curves = read_curves(run / "tb", ("train/moe/aux_loss", "train/moe/load/expert_0"))
-    assert len(curves["train/moe/aux_loss"]) >= 6 and curves["train/moe/load/expert_0"]

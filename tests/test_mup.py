@@ -1,10 +1,10 @@
 """µP (model.parametrization="mup"): the coordinate check, the per-parameter learning rates, the
-standard parametrization left as it was, validation, export refusal and exact resume."""
+standard parametrization left as it was, validation and export refusal (its exact resume:
+tests/test_checkpoint.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import jax
@@ -12,11 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, lm, model, train
+from jaxlm import lm, model
 from jaxlm.config import ConfigError, OptimConfig, apply_overrides, load_config, preset
 from jaxlm.hf.arch import architecture
 from jaxlm.optim import make_optimizer
-from jaxlm.report import read_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = (64, 256, 1024)
@@ -142,29 +141,3 @@ def test_export_refuses_mup_by_name():
     with pytest.raises(ConfigError, match=r"model.parametrization='mup': .*1/head_dim"):
         architecture(cfg)
     architecture(dataclasses.replace(cfg, parametrization="standard"))  # the rest is representable
-
-
-def test_a_mup_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tiny_data, tmp_path):
-    """8 steps checkpointed at 4; then the same run with its step-8 checkpoint gone resumes at 4: the
-    per-parameter learning rates (an optimizer transform of their own) survive the checkpoint,
-    and the loss curve and final params equal the uninterrupted run's bit for bit."""
-    sets = {
-        "data.dir": tiny_data, "train.run_dir": str(tmp_path), "train.steps": 8, "train.log_every": 1,
-        "train.eval_every": 0, "checkpoint.every": 4, "model.parametrization": "mup",
-        "model.mup_base_width": 16, "optim.warmup_steps": 2, "mesh.data": 8, "name": "ref",
-    }  # fmt: skip
-    cfg = load_config(ROOT / "experiments" / "tiny.py", [f"{k}={v}" for k, v in sets.items()])
-    assert train.run(cfg)["status"] == "finished"
-    ref = tmp_path / "ref"
-    shutil.copytree(ref, tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
-    (tmp_path / "resumed" / "summary.json").unlink()
-    resumed = dataclasses.replace(cfg, name="resumed")
-    assert train.run(resumed, resume=True)["status"] == "finished"
-    log = (tmp_path / "resumed" / "log.txt").read_text()
-    assert "resumed from" in log and "params, optimizer state and step 4" in log, log
-    curve = lambda run: read_curves(run / "tb", ("train/loss",))["train/loss"]  # noqa: E731
-    assert curve(tmp_path / "resumed") == curve(ref)
-    got, want = checkpoint.load_params(tmp_path / "resumed")[1], checkpoint.load_params(ref)[1]
-    for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want)), strict=True):
-        np.testing.assert_array_equal(a, b)

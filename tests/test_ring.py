@@ -1,12 +1,12 @@
 """Context parallelism (jaxlm/ring.py) on the 8 fake CPU devices: the zig-zag layout, ring attention
 against the reference, a 2048-token sequence split 4 and 8 ways training like one device with and
-without document masking, per-device memory falling with the context size, exact resume and the
-same eval batches on a context mesh, the rows each process loads, and the refusals."""
+without document masking, per-device memory falling with the context size, the same eval batches
+on a context mesh, the rows each process loads, and the refusals (exact resume:
+tests/test_checkpoint.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import jax
@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
-from test_checkpoint import _assert_trees_equal, _cfg, _losses
 from test_sharding import collectives
 from tolerances import assert_close, assert_trees_close, attention_terms, grad_terms, loss_terms
 
-from jaxlm import checkpoint, lm, model, ring, sharding, train
+from jaxlm import lm, model, ring, sharding
 from jaxlm.attention import attend
 from jaxlm.cli import main as cli
 from jaxlm.config import ConfigError, MeshConfig, apply_overrides, preset
@@ -189,22 +188,6 @@ def test_a_context_mesh_sees_the_same_eval_batches(tiny_cfg):
             step = make_eval_step(c, param_sh, batch_sh)
             losses[C] = mean_loss(step, jax.device_put(params, param_sh), batches, to_global)
     assert_close(losses[2], losses[1], loss_terms(cfg.model, 2 * 8 * cfg.model.seq_len))
-
-
-def test_resume_on_a_context_mesh_is_exact(tiny_data, tmp_path):
-    """Six steps on data x fsdp x context = 1 x 4 x 2, checkpoints at 3 and 6; the one at 6 deleted,
-    the run resumed from 3: the redone steps' losses and the final params are bit for bit the same."""
-    extra = {"mesh.fsdp": 4, "mesh.context": 2, "train.steps": 6, "checkpoint.every": 3}
-    cfg = _cfg(tiny_data, tmp_path, "cp", **extra, **{"data.document_masking": "true"})
-    assert train.run(cfg)["status"] == "finished"
-    run = tmp_path / "cp"
-    first, params = _losses(run), checkpoint.load_params(run)[1]
-    assert checkpoint.complete_steps(run / "checkpoints") == [3, 6]
-    shutil.rmtree(run / "checkpoints" / "6")
-    assert train.run(cfg, resume=True)["status"] == "finished"
-    assert f"resumed from {run / 'checkpoints' / '3'}" in (run / "log.txt").read_text()
-    assert _losses(run) == first and sorted(first) == [1, 2, 3, 4, 5, 6]
-    _assert_trees_equal(checkpoint.load_params(run)[1], params)
 
 
 def test_processes_on_one_row_block_load_the_same_full_rows():
