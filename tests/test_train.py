@@ -112,16 +112,19 @@ def test_z_loss_adds_its_gradient_and_is_logged_apart_from_the_cross_entropy(tin
     c = 1e-2
     cfg = apply_overrides(tiny_cfg, {"model.z_loss": str(c)})
     params, _, m = _step_once(cfg, batch)
-    sums = model.loss_sums(params, batch, cfg.model, False)
+
+    @jax.jit  # one compile for the sums and both parts' gradients (op by op, each op compiles)
+    def parts(p):
+        grad = lambda f: jax.grad(lambda q: getattr(model.loss_sums(q, batch, cfg.model, False), f))(p)
+        return model.loss_sums(p, batch, cfg.model, False), grad("xent"), grad("z")
+
+    sums, g_x, g_z = parts(params)
     # metrics: loss is the cross-entropy alone, z_loss the coefficient times the mean log²Z
     np.testing.assert_allclose(m["loss"], sums.xent / sums.count, rtol=1e-6)
     np.testing.assert_allclose(m["z_loss"], c * sums.z / sums.count, rtol=1e-6)
     assert m["z_loss"] > 0.1  # log Z ~ log 257: the term is not negligible at this coefficient
     # the gradient is that of (xent + c z) / n: its norm (clipping is after the metric) from the parts
-    g_x, g_z = (
-        jax.grad(lambda p, f=f: getattr(model.loss_sums(p, batch, cfg.model, False), f) / sums.count)(params)
-        for f in ("xent", "z")
-    )
+    g_x, g_z = (jax.tree.map(lambda g: g / sums.count, g) for g in (g_x, g_z))
     want = optax.tree.norm(jax.tree.map(lambda a, b: a + c * b, g_x, g_z))
     assert abs(float(optax.tree.norm(g_z)) * c) > 0.01 * float(want)  # z's share shows in the norm
     np.testing.assert_allclose(m["grad_norm"], want, rtol=1e-5)
