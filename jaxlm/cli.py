@@ -215,7 +215,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FILE",
         help="instead of the loss: accuracy on this JSONL task of context, choices, label "
-        "(repeatable; docs/evals.md), e.g. tasks/shakespeare_next_line.jsonl",
+        "(repeatable; docs/evals.md), e.g. experiments/tasks/shakespeare_next_line.jsonl",
     )
 
 

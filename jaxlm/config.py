@@ -227,7 +227,8 @@ class TrainConfig:
     """Batches of the validation split per evaluation; 0 uses the whole split."""
     eval_tasks: tuple[str, ...] = ()
     """Task files (JSONL of context, choices, label; docs/evals.md) scored at every evaluation, their
-    accuracy logged as ``tasks/<file stem>/acc`` and ``acc_norm``, e.g. tasks/shakespeare_next_line.jsonl."""
+    accuracy logged as ``tasks/<file stem>/acc`` and ``acc_norm``, e.g.
+    experiments/tasks/shakespeare_next_line.jsonl."""
     target_val_loss: float = 0.0
     """Stop at the first evaluation whose val loss is at or below this, with a checkpoint there
     (summary status "reached target_val_loss"): the run's wall time is then its time to that loss

@@ -47,7 +47,8 @@ class Example:
 @dataclass(frozen=True)
 class Task:
     name: str
-    """The file's stem: ``tasks/shakespeare_next_line.jsonl`` logs as ``tasks/shakespeare_next_line/acc``."""
+    """The file's stem: ``experiments/tasks/shakespeare_next_line.jsonl`` logs as
+    ``tasks/shakespeare_next_line/acc``."""
     path: str
     examples: tuple[Example, ...]
 

