@@ -44,7 +44,12 @@ TWO = {
     "mesh.fsdp": "2",
     "mesh.tensor": "2",
 }
-CPU2 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+# Each process 2 CPU devices, with the suite's other XLA flags (tests/conftest.py: LLVM -O0).
+CPU2 = {
+    "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+    + " --xla_force_host_platform_device_count=2",
+    "JAX_PLATFORMS": "cpu",
+}
 
 
 def _start_two(sets: dict, program: list[str], **env) -> list[subprocess.Popen]:
