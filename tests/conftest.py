@@ -3,10 +3,12 @@
 import os
 
 # LLVM without optimisation (-O0): the suite is made of compiles of tiny programs, and -O0 cuts
-# their CPU time by about a third (tests/test_checkpoint.py: 135 -> 91 CPU-s). It changes the
+# their time (2-core AMD EPYC, 2026-12-02: tests/test_checkpoint.py 135 -> 91 CPU-s, measured with
+# a compilation cache in both runs; the three multi-process tests 154 -> 72 s wall). It changes the
 # programs' numerics in the last bits, which every tolerance here allows for: they follow from the
 # arithmetic, not from one compiler's output. (A persistent compilation cache would save more, but
-# XLA:CPU executables loaded from it deadlock in their all-reduce rendezvous on 8 fake devices.)
+# XLA:CPU executables loaded from it deadlocked in their all-reduce rendezvous on 8 fake devices:
+# "Expected 8 threads to join the rendezvous, but only 7 of them arrived".)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
