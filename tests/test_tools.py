@@ -29,6 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------
 
 
+def finished_wandb_records(path: Path, timeout: float = 60) -> list:
+    """``read_wandb_records`` once the file holds the run's record and its history: W&B's service
+    process may still be writing the file when ``finish()`` returns on a loaded machine (seen once in
+    CI: a resumed run's file without them). A wait for a writer, not a timing check."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(path) if path.stat().st_size >= 7 else []  # 7: the file header
+        kinds = {r.WhichOneof("record_type") for r in records}
+        if {"run", "history"} <= kinds or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def read_wandb_records(path: Path) -> list:
     """The records of a ``.wandb`` run file: LevelDB's log format (32 KiB blocks of records, each
     a 7-byte header: CRC32C, length, type full/first/middle/last) after W&B's 7-byte file header,
@@ -100,7 +113,7 @@ def test_wandb_run_of_a_sweep_logs_what_tensorboard_logs(tiny_data, tmp_path, mo
     run = runs[0].path
 
     (wandb_file,) = (tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb")
-    records = read_wandb_records(wandb_file)
+    records = finished_wandb_records(wandb_file)
     (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert (meta.project, meta.run_group, meta.display_name) == ("jaxlm-test", "wb_sweep", run.name)
     assert meta.run_id == (run / "wandb_id.txt").read_text().strip()
@@ -131,7 +144,7 @@ def test_wandb_run_of_a_sweep_logs_what_tensorboard_logs(tiny_data, tmp_path, mo
     log.close()
     assert sorted((run / "tb").iterdir()) == events
     (_, resumed) = sorted((tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb"))
-    records = read_wandb_records(resumed)
+    records = finished_wandb_records(resumed)
     assert [r.run.run_id for r in records if r.WhichOneof("record_type") == "run"] == [meta.run_id]
     rows = [r.history.item for r in records if r.WhichOneof("record_type") == "history"]
     assert [{i.nested_key[0]: json.loads(i.value_json) for i in row}["train/loss"] for row in rows] == [1.5]
